@@ -1,0 +1,802 @@
+"""Offline environment builder: templated tool-use tasks in the FTRL reference format, no LLM.
+
+Each environment is a small world of look-up tables (orders, products, users, warehouses,
+suppliers, flights, cities) and a templated question whose sub-questions are answered by tool
+calls. The four FTRL scenarios are built from *chains* of look-ups:
+
+- Single-Hop: one chain of one call ("What is the price of product P73?");
+- Parallel Single-Hop: 2..``max_parallel`` one-call chains answered in one turn (answer "a, b");
+- Multi-Hop: one chain of 2..``max_hops`` calls where each output holds the next call's argument
+  ("What is the city of the warehouse of product P73?"), the answer is the last sub-answer;
+- Parallel Multi-Hop: two multi-hop chains run side by side (answer "a, b").
+
+Every argument is a number or a short upper-case code that appears literally in the question or in
+an earlier tool output, and every sub-answer is a short code or number, because a ~1M-parameter
+model learns to copy ids but not to resolve entity names (DESIGN §9). The complexity-scaling knobs
+of :class:`ftrl.config.ProceduralConfig` change the tools, not the questions: functional
+generalisation (``get_order_info(order_id, field)`` instead of ``get_order_product(order_id)``),
+parameter expansion (a required ``fmt`` and an optional ``verbose``), parameter-type generalisation
+(ids as number or string, or a list of ids) and distractor tools (plausible getters that answer
+nothing asked).
+
+Before an environment is kept, a *gate* runs it through the sandbox: its gold calls must solve
+every sub-question under the reward's rules and reach the final answer, one deliberately invalid
+call per tool must come back as an error, and distractors must not return a sub-answer.
+Each record carries one extra field, ``gold_calls``: the gold trajectory as a JSON list of turns,
+each a list of ``{"name", "arguments"}`` (used by the supervised warm start).
+
+    python -m ftrl.envs.procedural --num-train 20 --num-test 5 --out /tmp/envs
+    python -m pytest tests/test_procedural.py -q
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import functools
+import json
+import logging
+import math
+import random
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ftrl.config import ConfigError, ProceduralConfig
+from ftrl.envs import sandbox
+from ftrl.registry import unknown_choice_message
+from ftrl.reward import answer_verify, apply_tool_results
+from ftrl.types import SCENARIOS, SPLITS, count_answers
+
+log = logging.getLogger(__name__)
+
+ERROR_PREFIX = sandbox.ERROR_TEMPLATE.split("{name}")[0].strip()  # "an error occured when call"
+GATE_TIMEOUT_S = 10.0
+DECOY_ROWS = (2, 3)  # look-up rows per table besides the ones the question needs (min, max)
+
+# Scenario config keys (ProceduralConfig.scenario_weights: "single_hop", ..., "parallel_multi_hop")
+# -> data_source names.
+SCENARIO_KEYS: dict[str, str] = {name.lower().replace(" ", "_").replace("-", "_"): name for name in SCENARIOS}
+
+# Gate rejection reasons (counted in BuildReport.rejected).
+GOLD_CALL_ERROR = "gold_call_error"
+GOLD_UNSOLVED = "gold_leaves_unsolved"
+ANSWER_UNREACHABLE = "answer_not_in_outputs"
+INVALID_CALL_ACCEPTED = "invalid_call_accepted"
+INVALID_CALL_LEAKS = "invalid_call_returns_answer"
+DISTRACTOR_BROKEN = "distractor_error"
+DISTRACTOR_ANSWERS = "distractor_returns_answer"
+DUPLICATE_QUESTION = "duplicate_question"
+SHARES_TRAIN_IDS = "test_reuses_train_ids"
+
+
+# ------------------------------------------------------------------------------------- the world
+@dataclass(frozen=True)
+class Field:
+    """One column of an entity table: ``key`` in outputs, ``noun`` in questions."""
+
+    key: str
+    noun: str
+    ref: str | None = None   # entity whose id this column holds (a hop to the next table)
+    kind: str | None = None  # value kind of a terminal column
+
+
+@dataclass(frozen=True)
+class Entity:
+    name: str
+    id_key: str
+    id_kind: str
+    id_doc: str  # how an id looks, for parameter descriptions
+    fields: tuple[Field, ...]
+
+    @property
+    def plural(self) -> str:
+        return self.name[:-1] + "ies" if self.name.endswith("y") else self.name + "s"
+
+    @property
+    def article(self) -> str:
+        return "an" if self.name[0] in "aeiou" else "a"
+
+
+ENTITIES: dict[str, Entity] = {
+    entity.name: entity
+    for entity in (
+        Entity("order", "order_id", "order_id", "4-digit order id", (
+            Field("product_id", "product", ref="product"),
+            Field("customer_id", "customer", ref="user"),
+            Field("total", "total", kind="number"),
+        )),
+        Entity("product", "product_id", "product_id", "product id, P and 2 digits", (
+            Field("warehouse_id", "warehouse", ref="warehouse"),
+            Field("supplier_id", "supplier", ref="supplier"),
+            Field("price", "price", kind="number"),
+        )),
+        Entity("user", "user_id", "user_id", "user id, U and 3 digits", (
+            Field("city_code", "city", ref="city"),
+            Field("points", "points", kind="number"),
+        )),
+        Entity("warehouse", "warehouse_id", "warehouse_id", "warehouse id, W and 2 digits", (
+            Field("city_code", "city", ref="city"),
+            Field("capacity", "capacity", kind="number"),
+        )),
+        Entity("supplier", "supplier_id", "supplier_id", "supplier id, S and 2 digits", (
+            Field("city_code", "city", ref="city"),
+            Field("fee", "fee", kind="number"),
+        )),
+        Entity("flight", "flight_id", "flight_id", "flight id, F and 3 digits", (
+            Field("origin", "origin", ref="city"),
+            Field("destination", "destination", ref="city"),
+            Field("gate", "gate", kind="gate"),
+            Field("seats", "seats", kind="number"),
+        )),
+        Entity("city", "city_code", "city_code", "3-letter city code", (
+            Field("region", "region", kind="region"),
+            Field("timezone", "timezone", kind="timezone"),
+        )),
+    )
+}
+
+# Code prefixes of string ids; parameter-type generalisation accepts the bare number as well.
+ID_PREFIXES: dict[str, str] = {"product_id": "P", "user_id": "U", "warehouse_id": "W", "supplier_id": "S",
+                               "flight_id": "F"}
+_CONSONANTS = "BCDFGHJKLMNPQRSTVWXZ"
+_VALUE_DRAWS: dict[str, Callable[[random.Random], Any]] = {
+    "order_id": lambda rng: rng.randint(1000, 9999),
+    "product_id": lambda rng: f"P{rng.randint(10, 99)}",
+    "user_id": lambda rng: f"U{rng.randint(100, 999)}",
+    "warehouse_id": lambda rng: f"W{rng.randint(10, 99)}",
+    "supplier_id": lambda rng: f"S{rng.randint(10, 99)}",
+    "flight_id": lambda rng: f"F{rng.randint(100, 999)}",
+    "city_code": lambda rng: "".join(rng.choice(_CONSONANTS) for _ in range(3)),
+    "number": lambda rng: rng.randint(100, 999),
+    "gate": lambda rng: f"G{rng.randint(10, 99)}",
+    "region": lambda rng: f"R{rng.randint(10, 99)}",
+    "timezone": lambda rng: f"UTC{rng.choice('+-')}{rng.randint(1, 9)}",
+}
+
+# Fixed words that tool outputs and error messages can contain. A drawn value that occurs inside
+# them (a city code "STR" inside "must be a string") would let a failed call "verify" as a
+# sub-answer, so such draws are redrawn.
+_OUTPUT_WORDS = " ".join(
+    [ERROR_PREFIX, "unknown this tool knows such as must be an integer a string of digits or got list empty",
+     "valid fields fmt json text verbose true false source table none bool int str dict float",
+     "missing required positional argument arguments keyword unexpected takes were given object",
+     "is not subscriptable callable has no attribute"]
+    + [f"get_{e.name}_{f.noun} get_{e.name}_info {e.plural} {e.id_key} {f.key}"
+       for e in ENTITIES.values() for f in e.fields]
+).lower()
+
+
+@functools.cache
+def _chain_paths(length: int) -> tuple[tuple[tuple[str, Field], ...], ...]:
+    """Every sequence of ``length`` look-ups where each non-final one returns the next one's id."""
+    paths: list[tuple[tuple[str, Field], ...]] = []
+
+    def extend(path: tuple[tuple[str, Field], ...]) -> None:
+        if len(path) == length:
+            paths.append(path)
+            return
+        last_field = path[-1][1]
+        if last_field.ref is None:
+            return
+        for next_field in ENTITIES[last_field.ref].fields:
+            extend(path + ((last_field.ref, next_field),))
+
+    for entity in ENTITIES.values():
+        for first in entity.fields:
+            extend(((entity.name, first),))
+    return tuple(paths)
+
+
+MAX_CHAIN = max(n for n in range(1, 10) if _chain_paths(n))
+
+
+class _World:
+    """One environment's tables: entity -> id -> row, with every drawn value distinct.
+
+    Distinct means more than unequal: no value (lower-cased) occurs inside another, so a tool output
+    verifies against a sub-answer only if it really holds that value.
+    """
+
+    def __init__(self, rng: random.Random) -> None:
+        self.rng = rng
+        self.rows: dict[str, dict[Any, dict[str, Any]]] = {}
+        self._texts: list[str] = []
+
+    def draw(self, kind: str) -> Any:
+        for _ in range(1000):
+            value = _VALUE_DRAWS[kind](self.rng)
+            text = str(value).lower()
+            if text in _OUTPUT_WORDS or any(text in seen or seen in text for seen in self._texts):
+                continue
+            self._texts.append(text)
+            return value
+        raise RuntimeError(f"could not draw a distinct '{kind}' value in 1000 tries")
+
+    def add_row(self, entity_name: str, row_id: Any = None) -> Any:
+        entity = ENTITIES[entity_name]
+        row_id = self.draw(entity.id_kind) if row_id is None else row_id
+        row = {f.key: self.draw(ENTITIES[f.ref].id_kind if f.ref else f.kind) for f in entity.fields}
+        self.rows.setdefault(entity_name, {})[row_id] = row
+        return row_id
+
+
+# ------------------------------------------------------------------------------------ tool specs
+@dataclass(frozen=True)
+class _Tool:
+    name: str
+    entity: str
+    field_key: str | None  # the one column a single-purpose getter returns; None when general
+    general: bool
+    expanded: bool
+    typed: bool  # parameter-type generalisation
+
+    @property
+    def spec(self) -> Entity:
+        return ENTITIES[self.entity]
+
+
+def _tool_for(entity: str, field_obj: Field, general: bool, expanded: bool, typed: bool) -> _Tool:
+    if general:
+        return _Tool(f"get_{entity}_info", entity, None, True, expanded, typed)
+    return _Tool(f"get_{entity}_{field_obj.noun}", entity, field_obj.key, False, expanded, typed)
+
+
+def _tool_schema(tool: _Tool) -> dict[str, Any]:
+    entity = tool.spec
+    if tool.typed:
+        id_types: list[str] = ["string", "array"] if entity.id_kind not in ID_PREFIXES and \
+            entity.id_kind != "order_id" else ["integer", "string", "array"]
+        id_param = {"type": id_types, "description": f"{entity.id_doc}, or a list of them"}
+    else:
+        id_type = "integer" if entity.id_kind == "order_id" else "string"
+        id_param = {"type": id_type, "description": entity.id_doc}
+    properties: dict[str, Any] = {entity.id_key: id_param}
+    required = [entity.id_key]
+    if tool.general:
+        description = f"Get one field of {entity.article} {entity.name}."
+        properties["field"] = {"type": "string", "enum": [f.key for f in entity.fields],
+                               "description": "field to return"}
+        required.append("field")
+    else:
+        noun = next(f.noun for f in entity.fields if f.key == tool.field_key)
+        description = f"Get the {noun} of {entity.article} {entity.name}."
+    if tool.expanded:
+        properties["fmt"] = {"type": "string", "enum": ["json", "text"], "description": "output format"}
+        properties["verbose"] = {"type": "boolean", "description": "also return the data source"}
+        required.append("fmt")
+    return {"type": "function", "function": {
+        "name": tool.name, "description": description,
+        "parameters": {"type": "object", "properties": properties, "required": required}}}
+
+
+def _key_check_lines(entity: Entity, typed: bool) -> list[str]:
+    """Source lines (inside ``lookup(key)``) that validate and normalise an id argument."""
+    name = entity.id_key
+    if entity.id_kind == "order_id":
+        if typed:
+            return ["if isinstance(key, str) and key.strip().isdigit():",
+                    "    key = int(key)",
+                    "if isinstance(key, bool) or not isinstance(key, int):",
+                    (f"    raise TypeError(f\"{name} must be a number or a string of digits, "
+                     "got {type(key).__name__} {key!r}\")")]
+        return ["if isinstance(key, bool) or not isinstance(key, int):",
+                f"    raise TypeError(f\"{name} must be an integer, got {{type(key).__name__}} {{key!r}}\")"]
+    if typed:
+        lines = []
+        if entity.id_kind in ID_PREFIXES:
+            lines += ["if isinstance(key, int) and not isinstance(key, bool):",
+                      f"    key = \"{ID_PREFIXES[entity.id_kind]}\" + str(key)"]
+        return lines + ["if not isinstance(key, str):",
+                        f"    raise TypeError(f\"{name} must be a string, got {{type(key).__name__}} {{key!r}}\")",
+                        "key = key.strip().upper()"]
+    return ["if not isinstance(key, str):",
+            f"    raise TypeError(f\"{name} must be a string, got {{type(key).__name__}} {{key!r}}\")"]
+
+
+def _tool_source(tool: _Tool, table: dict[Any, Any]) -> str:
+    """Python source of a self-contained tool: its own table literal, argument checks, the look-up."""
+    entity = tool.spec
+    id_key = entity.id_key
+    params = [id_key] + (["field"] if tool.general else []) + (["fmt", "verbose=False"] if tool.expanded else [])
+    description = _tool_schema(tool)["function"]["description"]
+    lines = [f"def {tool.name}({', '.join(params)}):", f'    """{description}"""', f"    table = {table!r}"]
+    if tool.general:
+        lines += [f"    fields = {tuple(f.key for f in entity.fields)!r}",
+                  "    if field not in fields:",
+                  "        raise ValueError(f\"unknown field {field!r}; valid fields: {', '.join(fields)}\")"]
+    if tool.expanded:
+        lines += ["    if fmt not in ('json', 'text'):",
+                  "        raise ValueError(f\"fmt must be 'json' or 'text', got {fmt!r}\")",
+                  "    if not isinstance(verbose, bool):",
+                  "        raise TypeError(f\"verbose must be true or false, got {verbose!r}\")"]
+    lines += ["", "    def lookup(key):"]
+    lines += ["        " + line for line in _key_check_lines(entity, tool.typed)]
+    lines += ["        if key not in table:",
+              (f"            raise ValueError(f\"unknown {id_key} {{key!r}}; this tool knows {entity.plural} "
+               "such as {next(iter(table))!r}\")")]
+    if tool.general:
+        lines += [f"        result = {{{id_key!r}: key, field: table[key][field]}}"]
+    else:
+        lines += [f"        result = {{{id_key!r}: key, {tool.field_key!r}: table[key]}}"]
+    if tool.expanded:
+        lines += ["        if verbose:", f"            result['source'] = '{entity.name} table'"]
+    lines += ["        return result", ""]
+    if tool.typed:
+        lines += [f"    if isinstance({id_key}, list):",
+                  f"        if not {id_key}:",
+                  f"            raise ValueError('{id_key} is an empty list')",
+                  f"        results = [lookup(key) for key in {id_key}]",
+                  "    else:",
+                  f"        results = lookup({id_key})"]
+    else:
+        lines += [f"    results = lookup({id_key})"]
+    if tool.expanded:
+        lines += ["    if fmt == 'text':",
+                  "        rows = results if isinstance(results, list) else [results]",
+                  "        return '\\n'.join('; '.join(f'{k}: {v}' for k, v in row.items()) for row in rows)"]
+    lines += ["    return results", ""]
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------ candidates
+@dataclass(frozen=True)
+class Hop:
+    """One gold look-up: ``tool(arg)`` answers ``answer`` (the ``field`` of ``entity`` row ``arg``)."""
+
+    entity: str
+    field: Field
+    arg: Any
+    answer: Any
+
+
+@dataclass
+class Candidate:
+    """An environment before the gate: the record plus the probe calls the gate makes."""
+
+    record: dict[str, Any]
+    id_combination: tuple[str, ...]  # the ids the question names (test may not reuse a train one)
+    invalid_calls: list[dict[str, Any]]     # {"name", "arguments"}: each must come back as an error
+    distractor_calls: list[dict[str, Any]]  # plausible calls of distractor tools
+
+    @property
+    def question(self) -> str:
+        return str(self.record["messages"][0]["content"])
+
+
+@dataclass(frozen=True)
+class _Settings:
+    """ProceduralConfig, checked once (errors name the config key)."""
+
+    weights: dict[str, float]
+    max_hops: int
+    max_parallel: int
+    functional_generalization: float
+    parameter_expansion: float
+    parameter_type_generalization: float
+    min_distractors: int
+    max_distractors: int
+    gate_timeout_s: float
+
+    @classmethod
+    def from_config(cls, cfg: ProceduralConfig) -> _Settings:
+        key = "envs.procedural"
+        weights: dict[str, float] = {}
+        for name, weight in dict(cfg.scenario_weights).items():
+            if name not in SCENARIO_KEYS:
+                raise ConfigError(f"{key}.scenario_weights: "
+                                  f"{unknown_choice_message('scenario', name, list(SCENARIO_KEYS))}")
+            if weight is None or float(weight) < 0:
+                raise ConfigError(f"{key}.scenario_weights.{name}: must be >= 0, got {weight!r}")
+            weights[SCENARIO_KEYS[name]] = float(weight)
+        if sum(weights.values()) <= 0:
+            raise ConfigError(f"{key}.scenario_weights: at least one weight must be > 0, got {weights}")
+        multi_hop = weights.get("Multi-Hop", 0) > 0 or weights.get("Parallel Multi-Hop", 0) > 0
+        if multi_hop and not 2 <= cfg.max_hops <= MAX_CHAIN:
+            raise ConfigError(f"{key}.max_hops: must be in [2, {MAX_CHAIN}] (the longest chain of look-ups, "
+                              f"order -> product -> warehouse -> city -> region), got {cfg.max_hops}")
+        if weights.get("Parallel Single-Hop", 0) > 0 and cfg.max_parallel < 2:
+            raise ConfigError(f"{key}.max_parallel: must be >= 2 for Parallel Single-Hop, got {cfg.max_parallel}")
+        for name in ("functional_generalization", "parameter_expansion", "parameter_type_generalization"):
+            value = getattr(cfg, name)
+            if not 0.0 <= value <= 1.0:
+                raise ConfigError(f"{key}.{name}: must be a probability in [0, 1], got {value}")
+        if not 0 <= cfg.min_distractors <= cfg.max_distractors:
+            raise ConfigError(f"{key}.min_distractors/max_distractors: need 0 <= min <= max, got "
+                              f"{cfg.min_distractors}, {cfg.max_distractors}")
+        for name in ("num_train", "num_test"):
+            if getattr(cfg, name) < 0:
+                raise ConfigError(f"{key}.{name}: must be >= 0, got {getattr(cfg, name)}")
+        return cls(weights, cfg.max_hops, cfg.max_parallel, cfg.functional_generalization,
+                   cfg.parameter_expansion, cfg.parameter_type_generalization, cfg.min_distractors,
+                   cfg.max_distractors, float(getattr(cfg, "gate_timeout_s", GATE_TIMEOUT_S)))
+
+
+_SINGULAR_TEMPLATES = ("What is {}?", "Find {}.", "Look up {}.")
+_PLURAL_TEMPLATES = ("What are {}?", "Find {}.", "Look up {}.")
+
+
+def _phrase(chain: Sequence[Hop]) -> str:
+    """``the city of the warehouse of product P73`` for a chain rooted at product P73."""
+    text = f"{chain[0].entity} {chain[0].arg}"
+    for hop in chain:
+        text = f"the {hop.field.noun} of {text}"
+    return text
+
+
+def _question(chains: Sequence[Sequence[Hop]], rng: random.Random) -> str:
+    phrases = [_phrase(chain) for chain in chains]
+    if len(phrases) == 1:
+        return rng.choice(_SINGULAR_TEMPLATES).format(phrases[0])
+    joined = ", ".join(phrases[:-1]) + " and " + phrases[-1]
+    return rng.choice(_PLURAL_TEMPLATES).format(joined)
+
+
+def _chain_lengths(scenario: str, settings: _Settings, rng: random.Random) -> list[int]:
+    if scenario == "Single-Hop":
+        return [1]
+    if scenario == "Parallel Single-Hop":
+        return [1] * rng.randint(2, settings.max_parallel)
+    if scenario == "Multi-Hop":
+        return [rng.randint(2, settings.max_hops)]
+    return [rng.randint(2, settings.max_hops) for _ in range(2)]
+
+
+def _call(tool: _Tool, arg: Any, field_key: str | None) -> dict[str, Any]:
+    arguments: dict[str, Any] = {tool.spec.id_key: arg}
+    if tool.general:
+        arguments["field"] = field_key
+    if tool.expanded:
+        arguments["fmt"] = "json"
+    return {"name": tool.name, "arguments": arguments}
+
+
+def _build_chains(scenario: str, settings: _Settings, world: _World, rng: random.Random) -> list[list[Hop]]:
+    """The scenario's look-up chains; each hop's answer is the id the next hop looks up."""
+    chains: list[list[Hop]] = []
+    for length in _chain_lengths(scenario, settings, rng):
+        path = rng.choice(_chain_paths(length))
+        row_id = world.add_row(path[0][0])
+        chain = []
+        for index, (entity, field_obj) in enumerate(path):
+            answer = world.rows[entity][row_id][field_obj.key]
+            chain.append(Hop(entity, field_obj, row_id, answer))
+            if index + 1 < len(path):
+                row_id = world.add_row(path[index + 1][0], row_id=answer)
+        chains.append(chain)
+    return chains
+
+
+def _pick_distractors(chains: list[list[Hop]], needed: Mapping[str, _Tool], settings: _Settings,
+                      rng: random.Random, general: bool, expanded: bool, typed: bool) -> list[_Tool]:
+    """Getters of columns nobody asked about (and, when tools are general, of untouched entities)."""
+    asked = {(hop.entity, hop.field.key) for chain in chains for hop in chain}
+    pool = []
+    for entity in ENTITIES.values():
+        for field_obj in entity.fields:
+            getter = _tool_for(entity.name, field_obj, False, expanded, typed)
+            if (entity.name, field_obj.key) not in asked and getter.name not in needed:
+                pool.append(getter)
+        info_tool = _tool_for(entity.name, entity.fields[0], True, expanded, typed)
+        if general and info_tool.name not in needed:
+            pool.append(info_tool)
+    count = min(rng.randint(settings.min_distractors, settings.max_distractors), len(pool))
+    return rng.sample(pool, count)
+
+
+def _invalid_calls(tools: Sequence[_Tool], world: _World) -> list[dict[str, Any]]:
+    """One call per tool that must fail: unknown id, wrong type, missing id (or unknown field), in turn."""
+    calls = []
+    for index, tool in enumerate(tools):
+        id_key = tool.spec.id_key
+        known_id = next(iter(world.rows[tool.entity]))
+        call = _call(tool, known_id, tool.spec.fields[0].key)
+        mistakes = ("unknown_id", "wrong_type", "missing_argument") + (("unknown_field",) if tool.general else ())
+        mistake = mistakes[index % len(mistakes)]
+        if mistake == "unknown_id":
+            call["arguments"][id_key] = world.draw(tool.spec.id_kind)
+        elif mistake == "wrong_type":
+            call["arguments"][id_key] = {"id": known_id}
+        elif mistake == "missing_argument":
+            del call["arguments"][id_key]
+        else:
+            call["arguments"]["field"] = "name"
+        calls.append(call)
+    return calls
+
+
+def _distractor_calls(distractors: Sequence[_Tool], chains: list[list[Hop]], world: _World) -> list[dict[str, Any]]:
+    """The calls a confused model would make: a distractor applied to the ids the task involves."""
+    task_ids: dict[str, list[Any]] = {}
+    for chain in chains:
+        for hop in chain:
+            task_ids.setdefault(hop.entity, []).append(hop.arg)
+    calls = []
+    for tool in distractors:
+        for arg in task_ids.get(tool.entity, [next(iter(world.rows[tool.entity]))])[:2]:
+            calls.append(_call(tool, arg, tool.spec.fields[0].key))
+    return calls
+
+
+def sample_candidate(scenario: str, cfg: ProceduralConfig | _Settings, rng: random.Random) -> Candidate:
+    """Draw one environment of ``scenario`` (a data_source name) with the knobs of ``cfg``."""
+    settings = cfg if isinstance(cfg, _Settings) else _Settings.from_config(cfg)
+    if scenario not in SCENARIOS:
+        raise ValueError(unknown_choice_message("scenario", scenario, list(SCENARIOS)))
+    general = rng.random() < settings.functional_generalization
+    expanded = rng.random() < settings.parameter_expansion
+    typed = rng.random() < settings.parameter_type_generalization
+    world = _World(rng)
+    chains = _build_chains(scenario, settings, world, rng)
+
+    def tool_of(hop: Hop) -> _Tool:
+        return _tool_for(hop.entity, hop.field, general, expanded, typed)
+
+    needed: dict[str, _Tool] = {}  # in first-use order
+    unsolved_set: dict[str, list[str]] = {}
+    for chain in chains:
+        for hop in chain:
+            needed.setdefault(tool_of(hop).name, tool_of(hop))
+            unsolved_set.setdefault(tool_of(hop).name, []).append(str(hop.answer))
+    distractors = _pick_distractors(chains, needed, settings, rng, general, expanded, typed)
+    all_tools = list(needed.values()) + distractors
+    for entity_name in dict.fromkeys(tool.entity for tool in all_tools):
+        for _ in range(rng.randint(*DECOY_ROWS)):
+            world.add_row(entity_name)
+
+    codes: dict[str, str] = {}
+    for tool in all_tools:
+        rows = world.rows[tool.entity]
+        ids = list(rows)
+        rng.shuffle(ids)  # the row a question needs sits anywhere in the table
+        table = {row_id: (dict(rows[row_id]) if tool.general else rows[row_id][tool.field_key]) for row_id in ids}
+        codes[tool.name] = _tool_source(tool, table)
+    # Turn k holds hop k of every chain that is that long: parallel hops share a turn.
+    gold_turns = [[_call(tool_of(chain[turn]), chain[turn].arg, chain[turn].field.key)
+                   for chain in chains if len(chain) > turn]
+                  for turn in range(max(len(chain) for chain in chains))]
+
+    record = {
+        "messages": [{"role": "user", "content": _question(chains, rng)}],
+        "tools": json.dumps([_tool_schema(tool) for tool in all_tools], ensure_ascii=False),
+        "codes": json.dumps(codes, ensure_ascii=False),
+        "unsolved_set": json.dumps(unsolved_set, ensure_ascii=False),
+        "solve_rate": 0.0,
+        "answer": ", ".join(str(chain[-1].answer) for chain in chains),
+        "data_source": scenario,
+        "split": "train",
+        "gold_calls": json.dumps(gold_turns, ensure_ascii=False),
+    }
+    id_combination = tuple(sorted(str(chain[0].arg) for chain in chains))
+    return Candidate(record, id_combination, _invalid_calls(all_tools, world),
+                     _distractor_calls(distractors, chains, world))
+
+
+# ------------------------------------------------------------------------------------------ gate
+def _openai_call(call: Mapping[str, Any], index: int) -> dict[str, Any]:
+    return {"id": f"gate_{index}", "type": "function",
+            "function": {"name": call["name"], "arguments": json.dumps(call["arguments"], ensure_ascii=False)}}
+
+
+def _run_jobs(jobs: list[tuple[dict[str, str], list[dict[str, Any]]]], timeout: float) -> list[list[str]]:
+    """Run many independent batches of calls at once in the process-wide sandbox (its warm workers)."""
+    return sandbox.get_sandbox().map_calls(jobs, timeout)
+
+
+def _is_error(output: str, name: str) -> bool:
+    return str(output).startswith(sandbox.format_error(name, ""))
+
+
+def gate(candidates: Sequence[Candidate], timeout: float = GATE_TIMEOUT_S) -> list[str | None]:
+    """Check candidates in the sandbox; return ``None`` for a good one, else the rejection reason.
+
+    A good environment: every gold call succeeds; applied turn by turn with the reward's rules
+    (``ftrl.reward.apply_tool_results``) they solve every sub-answer; each part of the final answer
+    occurs in some gold output; each invalid probe comes back as ``an error occured when call ...``
+    without that tool's sub-answer; each distractor call succeeds without returning a sub-answer
+    (other than the ids it was called with).
+    """
+    jobs = []
+    for candidate in candidates:
+        codes = json.loads(candidate.record["codes"])
+        gold = [call for turn in json.loads(candidate.record["gold_calls"]) for call in turn]
+        calls = gold + candidate.invalid_calls + candidate.distractor_calls
+        jobs.append((codes, [_openai_call(call, index) for index, call in enumerate(calls)]))
+    results = _run_jobs(jobs, timeout)
+    return [_judge(candidate, outputs) for candidate, outputs in zip(candidates, results)]
+
+
+def _judge(candidate: Candidate, outputs: list[str]) -> str | None:
+    record = candidate.record
+    expected: dict[str, list[str]] = json.loads(record["unsolved_set"])
+    turns = json.loads(record["gold_calls"])
+    gold_count = sum(len(turn) for turn in turns)
+    gold_outputs = outputs[:gold_count]
+    invalid_outputs = outputs[gold_count:gold_count + len(candidate.invalid_calls)]
+    distractor_outputs = outputs[gold_count + len(candidate.invalid_calls):]
+
+    cursor = 0
+    unsolved = copy.deepcopy(expected)
+    for turn in turns:
+        turn_outputs = gold_outputs[cursor:cursor + len(turn)]
+        cursor += len(turn)
+        if any(_is_error(output, call["name"]) for call, output in zip(turn, turn_outputs)):
+            return GOLD_CALL_ERROR
+        apply_tool_results([_openai_call(call, i) for i, call in enumerate(turn)], turn_outputs, unsolved)
+    if count_answers(unsolved):
+        return GOLD_UNSOLVED
+    if not all(any(answer_verify(output, part) for output in gold_outputs) for part in record["answer"].split(", ")):
+        return ANSWER_UNREACHABLE
+
+    for call, output in zip(candidate.invalid_calls, invalid_outputs):
+        if not _is_error(output, call["name"]):
+            return INVALID_CALL_ACCEPTED
+        if any(answer_verify(output, answer) for answer in expected.get(call["name"], [])):
+            return INVALID_CALL_LEAKS
+    all_answers = [answer for answers in expected.values() for answer in answers]
+    for call, output in zip(candidate.distractor_calls, distractor_outputs):
+        if _is_error(output, call["name"]):
+            return DISTRACTOR_BROKEN
+        echoed = json.dumps(call["arguments"], ensure_ascii=False)
+        if any(answer_verify(output, answer) and not answer_verify(echoed, answer) for answer in all_answers):
+            return DISTRACTOR_ANSWERS
+    return None
+
+
+# ----------------------------------------------------------------------------------------- build
+@dataclass
+class BuildReport:
+    """What the generator did: candidates drawn, kept per split and scenario, rejections by reason."""
+
+    seed: int
+    candidates: int = 0
+    kept: dict[str, dict[str, int]] = field(default_factory=dict)
+    rejected: dict[str, int] = field(default_factory=dict)
+    seconds: float = 0.0
+    gate_seconds: float = 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def summary(self) -> str:
+        kept = "; ".join(f"{split}: " + ", ".join(f"{s}={n}" for s, n in counts.items())
+                         for split, counts in self.kept.items())
+        rejected = ", ".join(f"{reason}={n}" for reason, n in sorted(self.rejected.items())) or "none"
+        return (f"procedural envs (seed {self.seed}): {self.candidates} candidates in {self.seconds:.2f}s "
+                f"(gate {self.gate_seconds:.2f}s); kept {kept}; rejected {rejected}")
+
+
+@dataclass
+class ProceduralBuild:
+    records: dict[str, list[dict[str, Any]]]
+    report: BuildReport
+
+
+def _allocate(total: int, weights: Mapping[str, float]) -> dict[str, int]:
+    """Split ``total`` over scenarios in proportion to their weights (largest remainders)."""
+    weight_sum = sum(weights.values())
+    shares = {s: total * weights.get(s, 0.0) / weight_sum for s in SCENARIOS}
+    counts = {s: math.floor(share) for s, share in shares.items()}
+    by_remainder = sorted(SCENARIOS, key=lambda s: (-(shares[s] - counts[s]), SCENARIOS.index(s)))
+    for scenario in by_remainder[: total - sum(counts.values())]:
+        counts[scenario] += 1
+    return counts
+
+
+def generate_envs(cfg: ProceduralConfig, seed: int) -> ProceduralBuild:
+    """Build ``num_train`` + ``num_test`` gated environments; same cfg and seed give the same bytes."""
+    settings = _Settings.from_config(cfg)
+    started = time.perf_counter()
+    rng = random.Random(seed)
+    report = BuildReport(seed=seed)
+    rejected: Counter[str] = Counter()
+    seen_questions: set[str] = set()
+    train_ids: set[tuple[str, ...]] = set()
+    records: dict[str, list[dict[str, Any]]] = {}
+    targets = {"train": cfg.num_train, "test": cfg.num_test}
+    for split in SPLITS:
+        kept: list[Candidate] = []
+        report.kept[split] = {}
+        for scenario, need in _allocate(targets[split], settings.weights).items():
+            accepted: list[Candidate] = []
+            drawn, budget = 0, 50 * need + 100
+            while len(accepted) < need:
+                missing = need - len(accepted)
+                batch: list[Candidate] = []
+                pending: set[str] = set()
+                while len(batch) < missing + missing // 20 + 1:
+                    if drawn >= budget:
+                        raise RuntimeError(f"procedural generator: only {len(accepted)} of {need} {split} "
+                                           f"'{scenario}' environments after {drawn} candidates; "
+                                           f"rejections {dict(rejected)}")
+                    candidate = sample_candidate(scenario, settings, rng)
+                    drawn += 1
+                    report.candidates += 1
+                    if candidate.question in seen_questions or candidate.question in pending:
+                        rejected[DUPLICATE_QUESTION] += 1
+                    elif split == "test" and candidate.id_combination in train_ids:
+                        rejected[SHARES_TRAIN_IDS] += 1
+                    else:
+                        pending.add(candidate.question)
+                        batch.append(candidate)
+                gate_started = time.perf_counter()
+                verdicts = gate(batch, settings.gate_timeout_s)
+                report.gate_seconds += time.perf_counter() - gate_started
+                for candidate, verdict in zip(batch, verdicts):
+                    if verdict is not None:
+                        rejected[verdict] += 1
+                    elif len(accepted) < need:
+                        accepted.append(candidate)
+                        seen_questions.add(candidate.question)
+            kept.extend(accepted)
+            report.kept[split][scenario] = len(accepted)
+        if split == "train":
+            train_ids = {candidate.id_combination for candidate in kept}
+        rng.shuffle(kept)  # mix scenarios so any prefix of the file is a fair sample
+        records[split] = [{**candidate.record, "split": split} for candidate in kept]
+    report.rejected = dict(sorted(rejected.items()))
+    report.seconds = time.perf_counter() - started
+    return ProceduralBuild(records, report)
+
+
+def build_procedural_envs(cfg: ProceduralConfig, seed: int) -> dict[str, list[dict[str, Any]]]:
+    """``{"train": [...], "test": [...]}`` reference records (registry entry ``envs=procedural``)."""
+    build = generate_envs(cfg, seed)
+    log.info(build.report.summary())
+    return build.records
+
+
+# ------------------------------------------------------------------------------------------- CLI
+def _decoded(record: Mapping[str, Any]) -> dict[str, Any]:
+    return {key: json.loads(value) if key in ("tools", "codes", "unsolved_set", "gold_calls") else value
+            for key, value in record.items()}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from ftrl.envs.io import write_jsonl
+
+    defaults = ProceduralConfig()
+    parser = argparse.ArgumentParser(prog="python -m ftrl.envs.procedural", description=__doc__.split("\n")[0])
+    parser.add_argument("--out", required=True, help="directory for train.jsonl and test.jsonl")
+    parser.add_argument("--num-train", type=int, default=defaults.num_train)
+    parser.add_argument("--num-test", type=int, default=defaults.num_test)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--max-hops", type=int, default=defaults.max_hops)
+    parser.add_argument("--max-parallel", type=int, default=defaults.max_parallel)
+    for knob in ("functional_generalization", "parameter_expansion", "parameter_type_generalization"):
+        parser.add_argument(f"--{knob.replace('_', '-')}", type=float, default=getattr(defaults, knob),
+                            help="probability per environment")
+    parser.add_argument("--min-distractors", type=int, default=defaults.min_distractors)
+    parser.add_argument("--max-distractors", type=int, default=defaults.max_distractors)
+    args = parser.parse_args(argv)
+    cfg = ProceduralConfig(
+        num_train=args.num_train, num_test=args.num_test, max_hops=args.max_hops, max_parallel=args.max_parallel,
+        functional_generalization=args.functional_generalization, parameter_expansion=args.parameter_expansion,
+        parameter_type_generalization=args.parameter_type_generalization,
+        min_distractors=args.min_distractors, max_distractors=args.max_distractors)
+    try:
+        build = generate_envs(cfg, args.seed)
+    except ConfigError as error:
+        parser.error(str(error))
+    out = Path(args.out)
+    for split, records in build.records.items():
+        write_jsonl(out / f"{split}.jsonl", records)
+        print(f"wrote {len(records)} {split} environments to {out / f'{split}.jsonl'}")
+    print(build.report.summary())
+    for split, counts in build.report.kept.items():
+        for scenario, count in counts.items():
+            print(f"  {split:5s} {scenario:20s} {count}")
+    example = next((r for split in SPLITS for r in build.records[split]), None)
+    if example is not None:
+        print("example environment:")
+        print(json.dumps(_decoded(example), indent=2, ensure_ascii=False))
+    return 0
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    sys.exit(main())

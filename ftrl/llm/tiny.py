@@ -1,0 +1,444 @@
+"""Offline tiny models: a locally trained tokenizer and a seeded Qwen3-shaped causal LM.
+
+No machine here reaches the Hugging Face hub, so the default run builds its base model in-process:
+
+* :func:`build_tokenizer` trains a byte-level BPE tokenizer with ``tokenizers`` (any text encodes;
+  the same corpus gives the same vocabulary). Its pre-tokenizer cuts out capitalised words, single
+  digits and newlines and leaves everything between them as one chunk, so an argument such as
+  ``Paris`` or ``2023`` is the same token(s) in the question, the tool call and the tool output,
+  while templated glue (``", "arguments": {"``) merges into few tokens: prompts come out ~4x shorter
+  than with Qwen's regex (DESIGN §9). ``<|im_start|>``, ``<|im_end|>`` (eos) and ``<|endoftext|>``
+  (pad) are special; the tool and thought tags are single tokens that decoding keeps, as in Qwen.
+* :func:`build_tiny_model` makes a ``Qwen3ForCausalLM`` from :class:`ftrl.config.TinyModelConfig`,
+  bit-identical for the same seed, with the vocabulary of the tokenizer.
+* :func:`create_tiny_base` writes both with ``save_pretrained`` (idempotent), so everything
+  downstream loads the tiny model exactly like a real one (``model.path``).
+* :func:`corpus_from_records` turns reference records into the tokenizer's training text.
+
+    python -m ftrl.llm.tiny --out /tmp/tiny
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import re
+import shutil
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import transformers
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import GenerationConfig, PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
+
+from ftrl.config import TinyModelConfig
+from ftrl.llm.chat_template import END_OF_TEXT, IM_END, IM_START, TOOL_TAGS, chat_template, render_chat
+from ftrl.llm.models import count_parameters, load_model_and_tokenizer
+from ftrl.types import as_json_obj
+
+log = logging.getLogger(__name__)
+
+SPECIAL_TOKENS: tuple[str, ...] = (END_OF_TEXT, IM_START, IM_END)
+# Capitalised words (any script), single digits, newlines: each becomes its own pre-token.
+PRE_TOKENIZER_PATTERN = r"\p{Lu}\p{L}*|\p{N}|\n"
+BYTE_ALPHABET_SIZE = 256
+MIN_VOCAB_SIZE = BYTE_ALPHABET_SIZE + len(SPECIAL_TOKENS) + len(TOOL_TAGS)
+BUILD_INFO_FILE = "ftrl_tiny.json"
+# Files whose presence means a directory holds a loadable model + tokenizer.
+REQUIRED_FILES: tuple[str, ...] = (
+    "config.json",
+    "model.safetensors",
+    "tokenizer.json",
+    "tokenizer_config.json",
+)
+TOOL_ERROR_PREFIX = "an error occured when call"  # the reference's tool-error text (its spelling)
+
+
+# ----------------------------------------------------------------------------------------- tokenizer
+def build_tokenizer(corpus: Iterable[str], vocab_size: int = 2048) -> PreTrainedTokenizerFast:
+    """Train a byte-level BPE tokenizer on ``corpus`` and wrap it for transformers.
+
+    The vocabulary has at most ``vocab_size`` entries (fewer when the corpus runs out of merges);
+    ``len(tokenizer)`` is the exact size a model needs. Ids 0-2 are ``<|endoftext|>``,
+    ``<|im_start|>``, ``<|im_end|>``; ids 3-10 are the tags of ``TOOL_TAGS``.
+    """
+    if vocab_size < MIN_VOCAB_SIZE:
+        raise ValueError(
+            f"vocab_size={vocab_size} is too small: the byte alphabet, special tokens and tool "
+            f"tags alone take {MIN_VOCAB_SIZE}"
+        )
+    reserved = list(SPECIAL_TOKENS) + list(TOOL_TAGS)
+    # Encoding cuts text at reserved tokens before BPE runs; train on the same pieces so no merges
+    # are spent on fragments such as "tool_call>" or on glue spanning "</tool_call><|im_end|>".
+    boundary = re.compile("|".join(re.escape(token) for token in reserved))
+    texts = [piece for text in corpus if text for piece in boundary.split(text) if piece]
+    if not texts:
+        raise ValueError("build_tokenizer: the corpus is empty")
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(PRE_TOKENIZER_PATTERN), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[AddedToken(token, special=True, normalized=False) for token in reserved],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    backend.train_from_iterator(texts, trainer)
+    backend = _unmark_tool_tags(backend)
+
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        eos_token=IM_END,
+        pad_token=END_OF_TEXT,
+        additional_special_tokens=[IM_START],
+        clean_up_tokenization_spaces=False,
+    )
+    tokenizer.chat_template = chat_template()
+    return tokenizer
+
+
+def _unmark_tool_tags(backend: Tokenizer) -> Tokenizer:
+    """Keep the tags single tokens but not special, so ``skip_special_tokens`` leaves them in text.
+
+    The trainer registers every reserved token as special; the flag lives only in the serialised
+    form, so it is edited there.
+    """
+    state = json.loads(backend.to_str())
+    for entry in state["added_tokens"]:
+        if entry["content"] in TOOL_TAGS:
+            entry["special"] = False
+    return Tokenizer.from_str(json.dumps(state))
+
+
+# ----------------------------------------------------------------------------------------- corpus
+def _builtin_conversations() -> list[tuple[list[dict], list[dict]]]:
+    """A few deterministic tool-use conversations (messages, tools) in the reference format."""
+    weather_tool = {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "Get the weather of a city on a date.",
+            "parameters": {
+                "type": "object",
+                "properties": {
+                    "city": {"type": "string", "description": "City name"},
+                    "date": {"type": "string", "description": "Date as YYYY-MM-DD"},
+                },
+                "required": ["city", "date"],
+            },
+        },
+    }
+    population_tool = {
+        "type": "function",
+        "function": {
+            "name": "get_population",
+            "description": "Return the population of a city in a year.",
+            "parameters": {
+                "type": "object",
+                "properties": {
+                    "city": {"type": "string", "description": "City name"},
+                    "year": {"type": "integer", "description": "Year"},
+                },
+                "required": ["city", "year"],
+            },
+        },
+    }
+    cities = ["Paris", "Rome", "Berlin", "Madrid", "Lisbon", "Vienna", "Prague", "Oslo"]
+    conversations: list[tuple[list[dict], list[dict]]] = []
+    for index, city in enumerate(cities):
+        other = cities[(index + 3) % len(cities)]
+        year = 1990 + 7 * index
+        population = str(100000 + 12345 * (index + 1))
+        date = f"2024-0{1 + index % 9}-1{index}"
+        messages = [
+            {
+                "role": "user",
+                "content": f"What was the population of {city} in {year}, and the weather in "
+                f"{other} on {date}?",
+            },
+            {
+                "role": "assistant",
+                "content": "",
+                "tool_calls": [
+                    {
+                        "id": f"call_{index}_0",
+                        "type": "function",
+                        "function": {
+                            "name": "get_population",
+                            "arguments": json.dumps({"city": city, "year": year}),
+                        },
+                    },
+                    {
+                        "id": f"call_{index}_1",
+                        "type": "function",
+                        "function": {
+                            "name": "get_weather",
+                            "arguments": json.dumps({"city": other, "date": date}),
+                        },
+                    },
+                ],
+            },
+            {"role": "tool", "content": population, "tool_call_id": f"call_{index}_0"},
+            {"role": "tool", "content": "sunny" if index % 2 else "rain", "tool_call_id": f"call_{index}_1"},
+            {
+                "role": "assistant",
+                "content": f"{city} had {population} people in {year}; {other} will see "
+                f"{'sunny' if index % 2 else 'rain'}.",
+                "tool_calls": None,
+            },
+        ]
+        conversations.append((messages, [weather_tool, population_tool]))
+    return conversations
+
+
+def fixed_corpus_text() -> list[str]:
+    """Text every tiny tokenizer sees: characters, numbers and the template's own scaffolding."""
+    lines = [
+        "abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKLMNOPQRSTUVWXYZ",
+        "0 1 2 3 4 5 6 7 8 9 10 100 1000 3.14 -42 1e-3 50%",
+        "! \" # $ % & ' ( ) * + , - . / : ; < = > ? @ [ \\ ] ^ _ ` { | } ~",
+        f"{TOOL_ERROR_PREFIX} get_weather: missing argument 'city'",
+        " ".join(TOOL_TAGS),
+    ]
+    for messages, tools in _builtin_conversations()[:2]:
+        for enable_thinking in (False, True):
+            lines.append(
+                render_chat(messages, tools, add_generation_prompt=True, enable_thinking=enable_thinking)
+            )
+        lines.append(
+            render_chat(
+                [{"role": "system", "content": "You are a helpful assistant."}] + messages, keep_thoughts=True
+            )
+        )
+    return lines
+
+
+def builtin_corpus() -> list[str]:
+    """The small corpus the CLI and quick experiments build a tokenizer from."""
+    corpus = fixed_corpus_text()
+    for messages, tools in _builtin_conversations():
+        corpus.append(render_chat(messages, tools))
+    return corpus
+
+
+def _record_field(record: Mapping[str, Any], key: str, index: int) -> Any:
+    if key not in record:
+        raise KeyError(f"record {index} lacks field '{key}'; has {sorted(record)}")
+    try:
+        return as_json_obj(record[key])
+    except json.JSONDecodeError as error:
+        raise ValueError(f"record {index} field '{key}' is not valid JSON: {error}") from None
+
+
+def corpus_from_records(records: Iterable[Mapping[str, Any]]) -> list[str]:
+    """Training text that fits a tokenizer to an environment set of reference records.
+
+    Per record: the rendered prompt (system, tool schemas, question, history, generation prompt),
+    the tool outputs (the expected sub-answers) as tool responses, the final answer as an assistant
+    turn and, when the record has ``gold_calls`` (JSON list of turns, each a list of ``{"name",
+    "arguments"}``), the assistant turns that make those calls. :func:`fixed_corpus_text` is added
+    once so every tokenizer covers characters, digits and the template's own strings.
+    """
+    corpus = fixed_corpus_text()
+    for index, record in enumerate(records):
+        messages = _record_field(record, "messages", index)
+        tools = _record_field(record, "tools", index) or None
+        unsolved = _record_field(record, "unsolved_set", index)
+        answer = str(record.get("answer") or "")
+        corpus.append(render_chat(messages, tools, add_generation_prompt=True, enable_thinking=False))
+        tool_outputs = [
+            {"role": "tool", "content": str(value)} for values in unsolved.values() for value in values
+        ]
+        if tool_outputs:
+            corpus.append(render_chat(tool_outputs))
+        if answer:
+            corpus.append(render_chat([{"role": "assistant", "content": answer}]))
+        if record.get("gold_calls"):
+            turns = _record_field(record, "gold_calls", index)
+            assistant_turns = [
+                {
+                    "role": "assistant",
+                    "content": "",
+                    "tool_calls": [
+                        {
+                            "type": "function",
+                            "function": {"name": call["name"], "arguments": call["arguments"]},
+                        }
+                        for call in turn
+                    ],
+                }
+                for turn in turns
+            ]
+            corpus.append(render_chat(assistant_turns))
+    return corpus
+
+
+# ----------------------------------------------------------------------------------------- model
+def _special_id(tokenizer: PreTrainedTokenizerFast, token: str) -> int:
+    token_id = tokenizer.convert_tokens_to_ids(token)
+    if token_id is None or token_id == tokenizer.unk_token_id:
+        raise ValueError(f"tokenizer has no token {token!r}; build it with ftrl.llm.tiny.build_tokenizer")
+    return int(token_id)
+
+
+def build_tiny_model(cfg: TinyModelConfig, tokenizer: PreTrainedTokenizerFast, seed: int) -> Qwen3ForCausalLM:
+    """A freshly initialised Qwen3-shaped model; the same (cfg, tokenizer, seed) gives equal tensors.
+
+    The embedding has ``len(tokenizer)`` rows (``cfg.vocab_size`` is the tokenizer's target size).
+    The global torch RNG is left as it was.
+    """
+    if cfg.hidden_size % cfg.num_attention_heads:
+        raise ValueError(
+            f"hidden_size={cfg.hidden_size} must be divisible by "
+            f"num_attention_heads={cfg.num_attention_heads}"
+        )
+    if cfg.num_attention_heads % cfg.num_key_value_heads:
+        raise ValueError(
+            f"num_attention_heads={cfg.num_attention_heads} must be divisible by "
+            f"num_key_value_heads={cfg.num_key_value_heads}"
+        )
+    vocab_size = len(tokenizer)
+    if vocab_size != cfg.vocab_size:
+        log.info("tiny model: vocab %d from the tokenizer (config target %d)", vocab_size, cfg.vocab_size)
+    pad_id = _special_id(tokenizer, END_OF_TEXT)
+    eos_id = _special_id(tokenizer, IM_END)
+    config = Qwen3Config(
+        vocab_size=vocab_size,
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_hidden_layers,
+        num_attention_heads=cfg.num_attention_heads,
+        num_key_value_heads=cfg.num_key_value_heads,
+        head_dim=cfg.hidden_size // cfg.num_attention_heads,
+        max_position_embeddings=cfg.max_position_embeddings,
+        tie_word_embeddings=cfg.tie_word_embeddings,
+        bos_token_id=pad_id,
+        eos_token_id=eos_id,
+        pad_token_id=pad_id,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = Qwen3ForCausalLM(config)
+    model = model.to(torch.float32)
+    model.generation_config = GenerationConfig(
+        bos_token_id=pad_id,
+        eos_token_id=[eos_id, pad_id],
+        pad_token_id=pad_id,
+    )
+    return model
+
+
+def is_complete_model_dir(path: Path) -> bool:
+    return all((path / name).is_file() for name in REQUIRED_FILES)
+
+
+def create_tiny_base(cfg: TinyModelConfig, corpus: Iterable[str], out_dir: Path, seed: int) -> Path:
+    """Build tokenizer + model and save them to ``out_dir``; return ``out_dir``.
+
+    Idempotent: a directory that already holds a complete model is returned as it is. The files are
+    written to a sibling temporary directory and renamed into place, so an interrupted build never
+    leaves a half-written model behind.
+    """
+    out_dir = Path(out_dir)
+    if is_complete_model_dir(out_dir):
+        _warn_if_different(out_dir, cfg, seed)
+        return out_dir
+    if out_dir.exists() and any(out_dir.iterdir()):
+        missing = [name for name in REQUIRED_FILES if not (out_dir / name).is_file()]
+        raise FileExistsError(
+            f"{out_dir} exists but is not a complete model (missing {missing}); "
+            "remove it or choose another directory"
+        )
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tokenizer = build_tokenizer(corpus, vocab_size=cfg.vocab_size)
+    tokenizer.model_max_length = cfg.max_position_embeddings
+    model = build_tiny_model(cfg, tokenizer, seed)
+    staging = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)  # left by an earlier, killed build of this process id
+    staging.mkdir()
+    try:
+        model.save_pretrained(staging, safe_serialization=True)
+        tokenizer.save_pretrained(staging)
+        _, total = count_parameters(model)
+        info = {
+            "config": dataclasses.asdict(cfg),
+            "seed": seed,
+            "vocab_size": len(tokenizer),
+            "parameters": total,
+        }
+        (staging / BUILD_INFO_FILE).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+        if out_dir.exists():
+            out_dir.rmdir()  # empty (checked above)
+        os.replace(staging, out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    log.info("tiny base: %s params=%d vocab=%d seed=%d", out_dir, total, len(tokenizer), seed)
+    return out_dir
+
+
+def _warn_if_different(out_dir: Path, cfg: TinyModelConfig, seed: int) -> None:
+    info_path = out_dir / BUILD_INFO_FILE
+    if not info_path.is_file():
+        return
+    info = json.loads(info_path.read_text(encoding="utf-8"))
+    if info.get("config") != dataclasses.asdict(cfg) or info.get("seed") != seed:
+        log.warning(
+            "tiny base %s was built with config=%s seed=%s; reusing it although the request is "
+            "config=%s seed=%s",
+            out_dir,
+            info.get("config"),
+            info.get("seed"),
+            dataclasses.asdict(cfg),
+            seed,
+        )
+
+
+# ----------------------------------------------------------------------------------------- CLI
+def main(argv: Sequence[str] | None = None) -> None:
+    defaults = TinyModelConfig()
+    parser = argparse.ArgumentParser(description="Build the offline tiny model from the built-in corpus.")
+    parser.add_argument("--out", type=Path, required=True, help="output directory (reused if complete)")
+    parser.add_argument("--seed", type=int, default=0)
+    for field in dataclasses.fields(TinyModelConfig):
+        if field.type in ("int", int):
+            parser.add_argument(
+                f"--{field.name.replace('_', '-')}", type=int, default=getattr(defaults, field.name)
+            )
+    args = parser.parse_args(argv)
+    transformers.utils.logging.disable_progress_bar()  # keep the printout readable
+    cfg = dataclasses.replace(
+        defaults,
+        **{
+            f.name: getattr(args, f.name)
+            for f in dataclasses.fields(TinyModelConfig)
+            if hasattr(args, f.name)
+        },
+    )
+    path = create_tiny_base(cfg, builtin_corpus(), args.out, args.seed)
+
+    model, tokenizer = load_model_and_tokenizer(str(path))
+    trainable, total = count_parameters(model)
+    messages, tools = _builtin_conversations()[0]
+    prompt = tokenizer.apply_chat_template(
+        messages[:1], tools=tools[:1], add_generation_prompt=True, enable_thinking=False, tokenize=False
+    )
+    reply = render_chat(messages[1:2])
+    print(f"model: {path}")
+    print(f"parameters: {total:,} (trainable {trainable:,}); vocab {len(tokenizer)}")
+    print(f"prompt ({len(tokenizer(prompt, add_special_tokens=False)['input_ids'])} tokens):\n{prompt}")
+    print(f"reply tokens: {tokenizer.tokenize(reply)}")
+
+
+if __name__ == "__main__":
+    main()

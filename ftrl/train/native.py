@@ -1,0 +1,430 @@
+"""Native backend: step-level FTRL training on one process (CPU or one GPU).
+
+Each snapshot of round k is one prompt (its messages and its own tools through the chat template);
+the policy samples ``train.n`` next turns; each turn is scored by the registered reward against that
+snapshot's ``codes``/``unsolved_set`` (the scalar sits on the last response token); advantages,
+the clipped policy loss, the KL loss and entropy come from ``verl.trainer.ppo.core_algos`` (see
+``ftrl.train.algorithms``). PPO adds a value model trained with verl's clipped value loss.
+
+Every ``train.save_every_steps`` the trainable weights, optimizer, scheduler and RNG are saved, so a
+killed run resumes at the last saved step and reaches the same final checkpoint as an uninterrupted
+run (sampling is seeded per step). The round ends with an HF safetensors checkpoint.
+
+    python -m ftrl.run stages=[build_envs,collect,train] +debug=smoke
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ftrl.config import RunConfig
+from ftrl.train.algorithms import (actor_loss, compute_advantages, critic_loss, outcome_rewards,
+                                   verl_actor_config)
+from ftrl.train.batch import (TokenBatch, make_token_batch, micro_batches, pad_to, response_logprobs,
+                              value_predictions)
+
+log = logging.getLogger(__name__)
+
+
+# ------------------------------------------------------------------------------------ helpers
+def build_optimizer(params: Sequence[torch.nn.Parameter], lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=(0.9, 0.999), eps=1e-8)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, name: str, warmup_steps: int, total_steps: int) -> Any:
+    """constant / cosine / linear decay after ``warmup_steps`` of linear warm-up (verl's schedules)."""
+
+    def factor(step: int) -> float:
+        if warmup_steps and step < warmup_steps:
+            return (step + 1) / warmup_steps
+        if name == "constant":
+            return 1.0
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        progress = min(max(progress, 0.0), 1.0)
+        if name == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * progress))
+        return 1.0 - progress
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def step_seed(seed: int, round_k: int, step: int) -> int:
+    """Sampling seed of one training step: resuming at any step replays the same rollouts."""
+    return (seed * 1_000_003 + round_k * 10_007 + step) % (2**31 - 1)
+
+
+def group_zero_variance(scores: torch.Tensor, n: int) -> float:
+    """Fraction of prompt groups whose n samples all scored the same (they give no GRPO signal)."""
+    groups = scores.view(-1, n)
+    return float((groups.max(dim=1).values == groups.min(dim=1).values).float().mean())
+
+
+@dataclass
+class RolloutResult:
+    batch: TokenBatch
+    scores: torch.Tensor
+    group_index: np.ndarray
+    metrics: dict[str, float] = field(default_factory=dict)
+    texts: list[str] = field(default_factory=list)
+
+
+# ------------------------------------------------------------------------------------ trainer
+class NativeTrainer:
+    """One round of step-level RL on a list of snapshot records."""
+
+    def __init__(self, cfg: RunConfig, policy: str | Path, snapshots: Sequence[Mapping[str, Any]],
+                 out_dir: Path, round_k: int = 1, tracker: Any = None, step_offset: int = 0) -> None:
+        from ftrl.llm.engines.hf import HFEngine
+        from ftrl.llm.models import load_model_and_tokenizer, resolve_device
+        from ftrl.train.freeze import apply_freeze_policy, apply_lora
+
+        self.cfg = cfg
+        self.round_k = round_k
+        self.out_dir = Path(out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.tracker = tracker
+        self.step_offset = step_offset
+        self.device = resolve_device(cfg.resources.device)
+        train = cfg.train
+        torch.manual_seed(step_seed(cfg.seed, round_k, -1))
+
+        self.model, self.tokenizer = load_model_and_tokenizer(str(policy), dtype=cfg.model.dtype,
+                                                              device=str(self.device),
+                                                              trust_remote_code=cfg.model.trust_remote_code)
+        if cfg.peft.name == "lora":
+            self.model, report = apply_lora(self.model, cfg.peft, cfg.freeze)
+        else:
+            report = apply_freeze_policy(self.model, cfg.freeze)
+        self.freeze_report = report
+        log.info(report.describe())
+        if train.gradient_checkpointing:
+            self.model.gradient_checkpointing_enable()
+        self.trainable = [p for p in self.model.parameters() if p.requires_grad]
+
+        self.ref_model = None
+        if train.use_kl_loss and train.kl_loss_coef > 0:
+            # The reference is the round's starting policy, as in the paper's per-round verl runs.
+            self.ref_model, _ = load_model_and_tokenizer(str(policy), dtype=cfg.model.dtype,
+                                                         device=str(self.device),
+                                                         trust_remote_code=cfg.model.trust_remote_code)
+            self.ref_model.eval().requires_grad_(False)
+
+        self.critic = None
+        self.critic_optimizer = None
+        if cfg.algorithm.use_critic:
+            self.critic = build_critic(str(policy), cfg, self.device)
+            self.critic_optimizer = build_optimizer([p for p in self.critic.parameters() if p.requires_grad],
+                                                    cfg.algorithm.critic.lr, train.weight_decay)
+
+        self.engine = HFEngine(self.model, self.tokenizer, enable_thinking=cfg.mode.enable_thinking,
+                               batch_size=max(1, train.prompts_per_step * train.n), device=self.device)
+        self.snapshots = self._fit_prompts(snapshots)
+        self.steps_per_epoch = math.ceil(len(self.snapshots) / train.prompts_per_step) if self.snapshots else 0
+        self.total_steps = self.steps_per_epoch * train.epochs_per_round
+        if train.max_steps_per_round is not None:
+            self.total_steps = min(self.total_steps, train.max_steps_per_round)
+        self.optimizer = build_optimizer(self.trainable, train.lr, train.weight_decay)
+        self.scheduler = build_scheduler(self.optimizer, train.lr_scheduler, train.lr_warmup_steps,
+                                         max(1, self.total_steps))
+        self.actor_config = verl_actor_config(train, train.n, train.mini_batch_prompts * train.n)
+        self.state_path = self.out_dir / "trainer_state.pt"
+        self.history_path = self.out_dir / "history.jsonl"
+        self.step = 0
+
+    # ---------------------------------------------------------------- data
+    def _fit_prompts(self, snapshots: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+        """Drop snapshots whose rendered prompt exceeds mode.max_prompt_tokens (verl filters the same)."""
+        from ftrl.llm.engines.base import ChatRequest
+        from ftrl.types import Sample
+
+        kept, dropped = [], 0
+        limit = self.cfg.mode.max_prompt_tokens
+        for record in snapshots:
+            sample = Sample.from_record(record)
+            text = self.engine.render(ChatRequest(messages=sample.messages, tools=sample.tools))
+            if len(self.tokenizer(text, add_special_tokens=False)["input_ids"]) <= limit:
+                kept.append(record)
+            else:
+                dropped += 1
+        if dropped:
+            log.warning("train: dropped %d of %d snapshots longer than mode.max_prompt_tokens=%d", dropped,
+                        len(snapshots), limit)
+        return kept
+
+    def prompts_for_step(self, step: int) -> list[Mapping[str, Any]]:
+        """Epoch-wise seeded permutation; step s takes the next prompts_per_step snapshots."""
+        per_step = self.cfg.train.prompts_per_step
+        epoch, position = divmod(step, self.steps_per_epoch)
+        order = np.random.default_rng(step_seed(self.cfg.seed, self.round_k, 10_000 + epoch)).permutation(
+            len(self.snapshots))
+        chosen = order[position * per_step:(position + 1) * per_step]
+        return [self.snapshots[int(i)] for i in chosen]
+
+    # ---------------------------------------------------------------- rollout + reward
+    def rollout(self, prompts: Sequence[Mapping[str, Any]], seed: int) -> RolloutResult:
+        from ftrl.llm.engines.base import ChatRequest, SamplingParams
+        from ftrl.reward import score_response
+        from ftrl.types import Sample
+
+        cfg, train = self.cfg, self.cfg.train
+        requests = [ChatRequest(messages=Sample.from_record(r).messages, tools=Sample.from_record(r).tools)
+                    for r in prompts]
+        params = SamplingParams(temperature=train.temperature, top_p=train.top_p,
+                                max_new_tokens=cfg.max_new_tokens, n=train.n, seed=seed)
+        self.model.eval()
+        started = time.time()
+        generations = self.engine.generate(requests, params)
+        gen_seconds = time.time() - started
+
+        prompt_ids, response_ids, texts, scores, parts = [], [], [], [], defaultdict(list)
+        group_index = []
+        for prompt_no, (record, outputs) in enumerate(zip(prompts, generations)):
+            for generation in outputs:
+                prompt_ids.append(generation.prompt_token_ids)
+                response_ids.append(generation.token_ids)
+                # The reward sees the decoded response with special tokens, as verl's reward manager does.
+                text = self.tokenizer.decode(generation.token_ids, skip_special_tokens=False)
+                texts.append(text)
+                result = score_response(text, record, variant=cfg.reward.name, compat=cfg.reward.compat,
+                                        timeout=cfg.reward.tool_timeout_s, parser=cfg.model.parser)
+                scores.append(result.score)
+                for key, value in result.as_metrics().items():
+                    parts[key].append(value)
+                group_index.append(prompt_no)
+        batch = make_token_batch(prompt_ids, response_ids, self.tokenizer.pad_token_id)
+        score_tensor = torch.tensor(scores, dtype=torch.float32)
+        lengths = batch.response_mask.sum(dim=-1)
+        generated = float(lengths.sum())
+        eos_ids = {self.tokenizer.eos_token_id}
+        truncated = [1.0 if (not ids or ids[-1] not in eos_ids) else 0.0 for ids in response_ids]
+        metrics = {key: float(np.mean(values)) for key, values in parts.items()}
+        metrics.update({
+            "reward/score_std": float(score_tensor.std()) if len(scores) > 1 else 0.0,
+            "reward/zero_variance_groups": group_zero_variance(score_tensor, train.n),
+            "response/length_mean": float(lengths.mean()),
+            "response/length_max": float(lengths.max()),
+            "response/truncated": float(np.mean(truncated)),
+            "rollout/tool_calls_per_turn": metrics.get("reward/calls", 0.0),
+            "perf/gen_tokens_per_s": generated / max(gen_seconds, 1e-9),
+            "perf/gen_s": gen_seconds,
+        })
+        return RolloutResult(batch=batch, scores=score_tensor, group_index=np.array(group_index),
+                             metrics=metrics, texts=texts)
+
+    # ---------------------------------------------------------------- log-probs and values
+    @torch.no_grad()
+    def _forward_all(self, model: torch.nn.Module, batch: TokenBatch) -> torch.Tensor:
+        model.eval()
+        length = batch.response_mask.shape[1]
+        chunks = []
+        for rows in micro_batches(batch.size, self.cfg.train.micro_batch_size):
+            log_probs, _ = response_logprobs(model, batch.select(rows).to(self.device))
+            chunks.append(pad_to(log_probs.cpu(), length))
+        return torch.cat(chunks)
+
+    @torch.no_grad()
+    def _values_all(self, batch: TokenBatch) -> torch.Tensor:
+        self.critic.eval()
+        length = batch.response_mask.shape[1]
+        chunks = []
+        for rows in micro_batches(batch.size, self.cfg.train.micro_batch_size):
+            chunks.append(pad_to(value_predictions(self.critic, batch.select(rows).to(self.device)).cpu(), length))
+        return torch.cat(chunks) * batch.response_mask
+
+    # ---------------------------------------------------------------- update
+    def update(self, rollout: RolloutResult) -> dict[str, float]:
+        cfg, train = self.cfg, self.cfg.train
+        batch = rollout.batch
+        mask = batch.response_mask
+        token_rewards = outcome_rewards(rollout.scores, mask)
+        old_log_prob = self._forward_all(self.model, batch)
+        ref_log_prob = self._forward_all(self.ref_model, batch) if self.ref_model is not None else None
+        values = self._values_all(batch) if self.critic is not None else None
+        advantages, returns = compute_advantages(cfg.algorithm, token_rewards, mask, rollout.group_index, values)
+
+        metrics: dict[str, list[float]] = defaultdict(list)
+        mini_size = max(1, train.mini_batch_prompts * train.n)
+        update_actor = self.critic is None or self.step >= cfg.algorithm.critic.warmup_steps
+        self.model.train()
+        for _ in range(train.ppo_epochs):
+            for mini in micro_batches(batch.size, mini_size):
+                mini_tokens = int(mask[mini].sum())
+                if self.critic is not None:
+                    self._critic_step(batch, mini, returns, values, mini_tokens, metrics)
+                if not update_actor:
+                    continue
+                self.optimizer.zero_grad(set_to_none=True)
+                for rows in micro_batches(len(mini), train.micro_batch_size):
+                    rows = mini[rows]
+                    micro = batch.select(rows).to(self.device)
+                    log_prob, entropy = response_logprobs(self.model, micro, with_entropy=True)
+                    width = log_prob.shape[1]
+                    terms = actor_loss(
+                        self.actor_config, log_prob, old_log_prob[rows, :width].to(self.device),
+                        advantages[rows, :width].to(self.device), micro.response_mask[:, :width], entropy,
+                        ref_log_prob[rows, :width].to(self.device) if ref_log_prob is not None else None,
+                        global_batch_size=len(mini), batch_num_tokens=max(mini_tokens, 1))
+                    terms.loss.backward()
+                    for key, value in terms.metrics.items():
+                        metrics[key].append(value)
+                grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, train.grad_clip)
+                metrics["actor/grad_norm"].append(float(grad_norm))
+                if torch.isfinite(grad_norm):
+                    self.optimizer.step()
+                else:
+                    log.warning("step %d: non-finite grad norm, update skipped", self.step)
+        if update_actor:
+            self.scheduler.step()
+        result = {key: float(np.mean(values_)) for key, values_ in metrics.items()}
+        result["actor/lr"] = self.optimizer.param_groups[0]["lr"]
+        result["actor/advantage_abs_mean"] = float((advantages.abs() * mask).sum() / mask.sum().clamp(min=1))
+        if values is not None:
+            result["critic/values_mean"] = float((values * mask).sum() / mask.sum().clamp(min=1))
+        return result
+
+    def _critic_step(self, batch: TokenBatch, mini: torch.Tensor, returns: torch.Tensor, old_values: torch.Tensor,
+                     mini_tokens: int, metrics: dict[str, list[float]]) -> None:
+        train = self.cfg.train
+        self.critic.train()
+        self.critic_optimizer.zero_grad(set_to_none=True)
+        for rows in micro_batches(len(mini), train.micro_batch_size):
+            rows = mini[rows]
+            micro = batch.select(rows).to(self.device)
+            vpreds = value_predictions(self.critic, micro)
+            width = vpreds.shape[1]
+            terms = critic_loss(vpreds, returns[rows, :width].to(self.device), old_values[rows, :width].to(self.device),
+                                micro.response_mask[:, :width], self.cfg.algorithm.critic.cliprange_value,
+                                train.loss_agg_mode, global_batch_size=len(mini), batch_num_tokens=max(mini_tokens, 1))
+            terms.loss.backward()
+            for key, value in terms.metrics.items():
+                metrics[key].append(value)
+        critic_params = [p for p in self.critic.parameters() if p.requires_grad]
+        metrics["critic/grad_norm"].append(float(torch.nn.utils.clip_grad_norm_(critic_params, train.grad_clip)))
+        self.critic_optimizer.step()
+
+    # ---------------------------------------------------------------- loop
+    def _resume(self) -> None:
+        from ftrl.train.checkpoint import load_trainer_state
+
+        if not self.state_path.exists():
+            self.history_path.unlink(missing_ok=True)
+            return
+        payload = load_trainer_state(self.state_path, model=self.model, optimizer=self.optimizer,
+                                     scheduler=self.scheduler, critic=self.critic,
+                                     critic_optimizer=self.critic_optimizer)
+        self.step = int(payload["step"])
+        if self.history_path.exists():
+            rows = self.history_path.read_text(encoding="utf-8").splitlines()[: self.step]
+            self.history_path.write_text("".join(r + "\n" for r in rows), encoding="utf-8")
+        log.info("train round %d: resumed at step %d/%d from %s", self.round_k, self.step, self.total_steps,
+                 self.state_path)
+
+    def _save_state(self) -> None:
+        from ftrl.train.checkpoint import save_trainer_state
+
+        save_trainer_state(self.state_path, step=self.step, model=self.model, optimizer=self.optimizer,
+                           scheduler=self.scheduler, critic=self.critic, critic_optimizer=self.critic_optimizer)
+
+    def train_step(self) -> dict[str, float]:
+        started = time.time()
+        prompts = self.prompts_for_step(self.step)
+        rollout = self.rollout(prompts, seed=step_seed(self.cfg.seed, self.round_k, self.step))
+        if rollout.metrics.get("reward/calls", 0.0) == 0.0:
+            log.warning("step %d: no sampled turn made a tool call (policy collapsing to plain answers?)",
+                        self.step)
+        metrics = dict(rollout.metrics)
+        metrics.update(self.update(rollout))
+        elapsed = time.time() - started
+        metrics["perf/step_s"] = elapsed
+        metrics["perf/tokens_per_s"] = float(rollout.batch.attention_mask.sum()) / max(elapsed, 1e-9)
+        self.step += 1
+        return metrics
+
+    def run(self) -> list[dict[str, float]]:
+        self._resume()
+        if self.total_steps == 0:
+            raise ValueError(f"round {self.round_k}: no snapshots to train on")
+        bar = tqdm(total=self.total_steps, initial=self.step, desc=f"train r{self.round_k}", unit="step",
+                   dynamic_ncols=True)
+        while self.step < self.total_steps:
+            metrics = self.train_step()
+            row = {"round": self.round_k, "step": self.step, "global_step": self.step_offset + self.step, **metrics}
+            with open(self.history_path, "a", encoding="utf-8") as handle:
+                handle.write(json.dumps(row) + "\n")
+            if self.tracker is not None:
+                self.tracker.log({k: v for k, v in row.items() if isinstance(v, float)}, step=row["global_step"])
+            save_every = max(1, self.cfg.train.save_every_steps)
+            if self.step % save_every == 0 or self.step == self.total_steps:
+                self._save_state()
+            bar.update(1)
+            bar.set_postfix(reward=f"{metrics['reward/score']:.3f}", kl=f"{metrics.get('actor/kl_loss', 0):.4f}")
+        bar.close()
+        return read_history(self.history_path)
+
+
+def build_critic(policy: str, cfg: RunConfig, device: torch.device) -> torch.nn.Module:
+    """A value model: the policy's backbone with a scalar head (verl's critic shape), seeded head."""
+    from ftrl.llm.models import load_value_model
+
+    torch.manual_seed(cfg.seed)
+    return load_value_model(policy, dtype=cfg.model.dtype, device=str(device),
+                            trust_remote_code=cfg.model.trust_remote_code)
+
+
+def read_history(path: Path) -> list[dict[str, Any]]:
+    if not Path(path).exists():
+        return []
+    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+# ------------------------------------------------------------------------------------ stage entry
+def train_round(ctx: Any, k: int) -> dict[str, Any]:
+    """``train`` stage for round k on the native backend: train, checkpoint, plot."""
+    from ftrl.envs.io import read_records
+    from ftrl.train.checkpoint import save_hf_checkpoint
+
+    rd = ctx.run_dir
+    snapshots_path = rd.snapshots(k)
+    if not snapshots_path.exists():
+        raise FileNotFoundError(f"{snapshots_path} is missing: the collect stage of round {k} must run first")
+    offset = sum(len(read_history(rd.train_dir(j) / "history.jsonl")) for j in range(1, k))
+    trainer = NativeTrainer(ctx.cfg, ctx.policy_for_round(k), read_records(snapshots_path), rd.train_dir(k),
+                            round_k=k, tracker=ctx.tracker, step_offset=offset)
+    history = trainer.run()
+    save_hf_checkpoint(trainer.model, trainer.tokenizer, rd.checkpoint_dir(f"round{k}"))
+    trainer.state_path.unlink(missing_ok=True)  # the finished checkpoint supersedes the resume state
+    plot_run_rewards(ctx)
+    first, last = history[0], history[-1]
+    log.info("train round %d: %d steps, reward %.3f -> %.3f, trainable %s", k, len(history),
+             first["reward/score"], last["reward/score"], trainer.freeze_report.describe())
+    return {"steps": len(history), "reward_first": first["reward/score"], "reward_last": last["reward/score"],
+            "snapshots": len(trainer.snapshots)}
+
+
+def plot_run_rewards(ctx: Any) -> Path | None:
+    """Reward curve over every finished round of the run (``train_reward_curve.png``)."""
+    from ftrl.analysis.plots import plot_reward_curve
+
+    rows: list[dict[str, Any]] = []
+    k = 1
+    while (ctx.run_dir.train_dir(k) / "history.jsonl").exists():
+        rows += read_history(ctx.run_dir.train_dir(k) / "history.jsonl")
+        k += 1
+    if not rows:
+        return None
+    for row in rows:
+        row["step"] = row.get("global_step", row["step"])
+    path = ctx.run_dir.root / "train_reward_curve.png"
+    plot_reward_curve(rows, path)
+    return path

@@ -1,0 +1,311 @@
+"""The offline environment generator: determinism, splits, scenarios, the gate and the knobs."""
+
+from __future__ import annotations
+
+import json
+import random
+import textwrap
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from ftrl.config import ConfigError, ProceduralConfig
+from ftrl.envs import procedural
+from ftrl.envs.io import read_records, validate_record
+from ftrl.envs.procedural import (
+    ANSWER_UNREACHABLE,
+    DISTRACTOR_ANSWERS,
+    GOLD_CALL_ERROR,
+    GOLD_UNSOLVED,
+    INVALID_CALL_ACCEPTED,
+    INVALID_CALL_LEAKS,
+    build_procedural_envs,
+    gate,
+    generate_envs,
+    sample_candidate,
+)
+from ftrl.envs.sandbox import call_tools, get_sandbox
+from ftrl.types import SCENARIOS
+
+SMALL = {"num_train": 24, "num_test": 8}
+
+
+def openai_call(call: dict) -> dict:
+    return {"id": "c", "type": "function",
+            "function": {"name": call["name"], "arguments": json.dumps(call["arguments"])}}
+
+
+def run(record: dict, calls: list[dict]) -> list[str]:
+    return call_tools(record["codes"], [openai_call(c) for c in calls])
+
+
+@pytest.fixture(scope="module")
+def default_build() -> procedural.ProceduralBuild:
+    return generate_envs(ProceduralConfig(**SMALL), seed=0)
+
+
+def all_records(build: procedural.ProceduralBuild) -> list[dict]:
+    return build.records["train"] + build.records["test"]
+
+
+# ------------------------------------------------------------------------------ sets of records
+def test_same_seed_gives_identical_bytes_and_another_seed_differs(default_build) -> None:
+    again = build_procedural_envs(ProceduralConfig(**SMALL), seed=0)
+    assert json.dumps(again) == json.dumps(default_build.records)
+    other = build_procedural_envs(ProceduralConfig(**SMALL), seed=1)
+    questions = {r["messages"][0]["content"] for r in all_records(default_build)}
+    other_questions = {r["messages"][0]["content"] for split in other.values() for r in split}
+    assert len(questions & other_questions) <= 2  # different worlds; a short question may recur
+
+
+def test_counts_scenarios_and_split_disjointness(default_build) -> None:
+    train, test = default_build.records["train"], default_build.records["test"]
+    assert (len(train), len(test)) == (24, 8)
+    assert Counter(r["data_source"] for r in train) == {s: 6 for s in SCENARIOS}
+    assert Counter(r["data_source"] for r in test) == {s: 2 for s in SCENARIOS}
+    assert {r["split"] for r in train} == {"train"} and {r["split"] for r in test} == {"test"}
+    assert default_build.report.kept == {"train": {s: 6 for s in SCENARIOS}, "test": {s: 2 for s in SCENARIOS}}
+
+    def root_ids(record: dict) -> tuple:
+        # The first call of each chain carries the id the question names.
+        first_turn = json.loads(record["gold_calls"])[0]
+        return tuple(sorted(str(next(iter(c["arguments"].values()))) for c in first_turn))
+
+    train_questions = {r["messages"][0]["content"] for r in train}
+    assert len(train_questions) == len(train)
+    assert not train_questions & {r["messages"][0]["content"] for r in test}
+    assert not {root_ids(r) for r in train} & {root_ids(r) for r in test}
+
+
+def test_every_record_is_a_valid_reference_record(default_build) -> None:
+    for index, record in enumerate(all_records(default_build)):
+        validate_record(record, f"procedural:{index}")
+        assert list(record)[:8] == ["messages", "tools", "codes", "unsolved_set", "solve_rate", "answer",
+                                    "data_source", "split"]
+        assert record["messages"] == [{"role": "user", "content": record["messages"][0]["content"]}]
+        assert record["solve_rate"] == 0.0
+        unsolved = json.loads(record["unsolved_set"])
+        turns = json.loads(record["gold_calls"])
+        # One expected answer per gold call, listed under the tool that is called.
+        assert Counter(c["name"] for turn in turns for c in turn) == {k: len(v) for k, v in unsolved.items()}
+        n_parts = len(record["answer"].split(", "))
+        scenario = record["data_source"]
+        assert n_parts == (1 if scenario in ("Single-Hop", "Multi-Hop") else len(turns[0]))
+        assert len(turns) == 1 if "Single" in scenario else len(turns) >= 2
+
+
+def test_gold_calls_solve_everything_and_multi_hop_really_chains(default_build) -> None:
+    checked = 0
+    for record in all_records(default_build):
+        turns = json.loads(record["gold_calls"])
+        question = record["messages"][0]["content"]
+        for call in turns[0]:
+            id_value = next(iter(call["arguments"].values()))
+            assert str(id_value) in question  # ids are copied from the question ...
+        if record["data_source"] != "Multi-Hop":
+            continue
+        outputs = [run(record, turn) for turn in turns]
+        for hop in range(1, len(turns)):
+            argument = next(iter(turns[hop][0]["arguments"].values()))
+            assert f'"{argument}"' in outputs[hop - 1][0]  # ... or from the previous hop's output
+            assert str(argument) not in question
+        assert record["answer"] in outputs[-1][0]
+        checked += 1
+    assert checked == 8
+
+
+def test_tools_behave_the_same_in_both_sandbox_scopes(default_build) -> None:
+    # The tools keep everything inside their function, so the reference's exec scope ("ftrl") and a
+    # plain module scope (reward.compat=fixed) give the same outputs.
+    jobs = [(r["codes"], [openai_call(c) for turn in json.loads(r["gold_calls"]) for c in turn])
+            for r in all_records(default_build)]
+    reference = get_sandbox().map_calls(jobs, scope="ftrl")
+    assert reference == get_sandbox().map_calls(jobs, scope="module")
+    assert not any(output.startswith("an error occured") for outputs in reference for output in outputs)
+
+
+def test_tools_fail_informatively(default_build) -> None:
+    record = next(r for r in default_build.records["train"] if r["data_source"] == "Single-Hop")
+    call = json.loads(record["gold_calls"])[0][0]
+    id_key, id_value = next(iter(call["arguments"].items()))
+    unknown = 1000 if isinstance(id_value, int) else "X00"
+    bad_id, wrong_type, missing = run(record, [
+        {"name": call["name"], "arguments": {id_key: unknown}},
+        {"name": call["name"], "arguments": {id_key: [id_value]}},
+        {"name": call["name"], "arguments": {}},
+    ])
+    assert bad_id.startswith(f"an error occured when call {call['name']}: unknown {id_key} {unknown!r}; "
+                             "this tool knows ")
+    assert f"{id_key} must be " in wrong_type and "got list" in wrong_type
+    assert f"missing 1 required positional argument: '{id_key}'" in missing
+
+
+# ------------------------------------------------------------------------------------------ gate
+def _candidate(scenario: str, seed: int, **knobs) -> procedural.Candidate:
+    return sample_candidate(scenario, ProceduralConfig(**knobs), random.Random(seed))
+
+
+def _gold_tool_and_answer(candidate: procedural.Candidate) -> tuple[str, str]:
+    unsolved = json.loads(candidate.record["unsolved_set"])
+    name = next(iter(unsolved))
+    return name, unsolved[name][0]
+
+
+def _with_code(candidate: procedural.Candidate, name: str, source: str) -> procedural.Candidate:
+    codes = json.loads(candidate.record["codes"])
+    codes[name] = source
+    return procedural.Candidate({**candidate.record, "codes": json.dumps(codes)}, candidate.id_combination,
+                                candidate.invalid_calls, candidate.distractor_calls)
+
+
+def _wrapped(name: str, source: str, body: str) -> str:
+    """A tool ``name`` whose ``body`` can call the original as ``real`` (nested: the reference's exec
+    scope hides top-level helpers from the tool function)."""
+    inner = source.replace(f"def {name}(", "def real(", 1)
+    return f"def {name}(*args, **kwargs):\n{textwrap.indent(inner, '    ')}\n{textwrap.indent(body, '    ')}\n"
+
+
+def test_gate_accepts_good_envs_and_rejects_broken_ones() -> None:
+    good = _candidate("Multi-Hop", 3)
+    name, answer = _gold_tool_and_answer(good)
+    original = json.loads(good.record["codes"])[name]
+
+    raises = _with_code(good, name, f"def {name}(**kwargs):\n    raise RuntimeError('database down')\n")
+    wrong_value = _with_code(good, name, original.replace(f"'{answer}'", "'ZZ99'"))
+    assert wrong_value.record["codes"] != good.record["codes"]
+    accepts_anything = _with_code(good, name, f"def {name}(*args, **kwargs):\n    return {{'value': '{answer}'}}\n")
+    leaky = _with_code(good, name, _wrapped(name, original, "try:\n    return real(*args, **kwargs)\n"
+                                                  "except Exception as error:\n"
+                                                  f"    raise ValueError(f'{{error}}; did you mean {answer}?')"))
+    unreachable = procedural.Candidate({**good.record, "answer": "R00"}, good.id_combination,
+                                       good.invalid_calls, good.distractor_calls)
+
+    with_distractors = _candidate("Single-Hop", 4, min_distractors=2, max_distractors=2)
+    distractor = with_distractors.distractor_calls[0]["name"]
+    _, single_answer = _gold_tool_and_answer(with_distractors)
+    distractor_code = json.loads(with_distractors.record["codes"])[distractor]
+    answering = _with_code(with_distractors, distractor, _wrapped(
+        distractor, distractor_code, f"return {{'result': real(*args, **kwargs), 'hint': '{single_answer}'}}"))
+
+    verdicts = gate([good, raises, wrong_value, accepts_anything, leaky, unreachable, with_distractors, answering])
+    assert verdicts == [None, GOLD_CALL_ERROR, GOLD_UNSOLVED, INVALID_CALL_ACCEPTED, INVALID_CALL_LEAKS,
+                        ANSWER_UNREACHABLE, None, DISTRACTOR_ANSWERS]
+
+
+# ----------------------------------------------------------------------------------------- knobs
+def _tools(record: dict) -> list[dict]:
+    return [tool["function"] for tool in json.loads(record["tools"])]
+
+
+def _knob_build(**knobs) -> list[dict]:
+    build = generate_envs(ProceduralConfig(num_train=8, num_test=0, **knobs), seed=5)
+    assert sum(build.report.kept["train"].values()) == 8  # every env passed the gate
+    return build.records["train"]
+
+
+def test_default_envs_are_the_simplest(default_build) -> None:
+    for record in all_records(default_build):
+        tools = _tools(record)
+        assert {t["name"] for t in tools} == set(json.loads(record["unsolved_set"]))  # no distractors
+        for tool in tools:
+            assert not tool["name"].endswith("_info")
+            assert len(tool["parameters"]["properties"]) == 1
+            assert next(iter(tool["parameters"]["properties"].values()))["type"] in ("integer", "string")
+
+
+def test_distractors_add_tools_that_are_never_expected() -> None:
+    for record in _knob_build(min_distractors=2, max_distractors=3):
+        names = [t["name"] for t in _tools(record)]
+        expected = json.loads(record["unsolved_set"])
+        assert len(set(names)) == len(names)
+        assert 2 <= len(names) - len(expected) <= 3
+        gold_names = {c["name"] for turn in json.loads(record["gold_calls"]) for c in turn}
+        assert gold_names == set(expected)
+
+
+def test_functional_generalization_merges_getters_into_info_tools() -> None:
+    records = _knob_build(functional_generalization=1.0)
+    for record in records:
+        expected = json.loads(record["unsolved_set"])
+        assert all(name.endswith("_info") for name in expected)
+        for tool in _tools(record):
+            assert tool["parameters"]["required"][1] == "field"
+            assert tool["parameters"]["properties"]["field"]["enum"]
+        for turn in json.loads(record["gold_calls"]):
+            assert all("field" in call["arguments"] for call in turn)
+    # Two questions about one kind of entity now share one tool (function integration, n -> m).
+    assert any(len(answers) >= 2 for r in records for answers in json.loads(r["unsolved_set"]).values())
+
+
+def test_parameter_expansion_adds_parameters_that_are_checked() -> None:
+    records = _knob_build(parameter_expansion=1.0)
+    for record in records:
+        for tool in _tools(record):
+            assert {"fmt", "verbose"} <= set(tool["parameters"]["properties"])
+            assert "fmt" in tool["parameters"]["required"] and "verbose" not in tool["parameters"]["required"]
+    record = records[0]
+    call = json.loads(record["gold_calls"])[0][0]
+    assert call["arguments"]["fmt"] == "json"
+    answer = json.loads(record["unsolved_set"])[call["name"]][0]
+    as_text, verbose, bad_fmt = run(record, [
+        {"name": call["name"], "arguments": {**call["arguments"], "fmt": "text"}},
+        {"name": call["name"], "arguments": {**call["arguments"], "verbose": True}},
+        {"name": call["name"], "arguments": {**call["arguments"], "fmt": "xml"}},
+    ])
+    assert answer in as_text and not as_text.startswith("{")
+    assert answer in verbose and '"source": ' in verbose
+    assert "fmt must be 'json' or 'text', got 'xml'" in bad_fmt
+
+
+def test_parameter_type_generalization_accepts_strings_numbers_and_lists() -> None:
+    records = _knob_build(parameter_type_generalization=1.0)
+    for record in records:
+        for tool in _tools(record):
+            id_param = next(iter(tool["parameters"]["properties"].values()))
+            assert isinstance(id_param["type"], list) and "array" in id_param["type"]
+    checked = 0
+    for record in records:
+        call = json.loads(record["gold_calls"])[0][0]
+        id_key, id_value = next(iter(call["arguments"].items()))
+        answer = json.loads(record["unsolved_set"])[call["name"]][0]
+        other_form = str(id_value) if isinstance(id_value, int) else id_value.lower()
+        listed, converted = run(record, [
+            {"name": call["name"], "arguments": {**call["arguments"], id_key: [id_value]}},
+            {"name": call["name"], "arguments": {**call["arguments"], id_key: other_form}},
+        ])
+        assert json.loads(listed)[0][id_key] == id_value and answer in listed
+        assert answer in converted
+        checked += 1
+    assert checked == 8
+
+
+# ------------------------------------------------------------------------------ config and CLI
+@pytest.mark.parametrize(("knobs", "message"), [
+    ({"scenario_weights": {"multihop": 1.0}}, "envs.procedural.scenario_weights: unknown scenario 'multihop'"),
+    ({"scenario_weights": {"multi_hop": 0.0}}, "at least one weight must be > 0"),
+    ({"max_hops": 5}, "envs.procedural.max_hops: must be in [2, 4]"),
+    ({"max_parallel": 1}, "envs.procedural.max_parallel: must be >= 2"),
+    ({"parameter_expansion": 1.5}, "envs.procedural.parameter_expansion: must be a probability"),
+    ({"min_distractors": 3, "max_distractors": 1}, "need 0 <= min <= max"),
+])
+def test_bad_knobs_name_the_config_key(knobs: dict, message: str) -> None:
+    with pytest.raises(ConfigError) as error:
+        generate_envs(ProceduralConfig(num_train=1, num_test=0, **knobs), seed=0)
+    assert message in str(error.value)
+
+
+def test_scenario_weights_select_scenarios() -> None:
+    build = generate_envs(ProceduralConfig(num_train=6, num_test=2, max_hops=4,
+                                           scenario_weights={"multi_hop": 1.0, "single_hop": 0.0}), seed=2)
+    records = all_records(build)
+    assert {r["data_source"] for r in records} == {"Multi-Hop"}
+    assert all(2 <= len(json.loads(r["gold_calls"])) <= 4 for r in records)
+
+
+def test_cli_writes_both_splits_and_prints_counts(tmp_path: Path, capsys) -> None:
+    assert procedural.main(["--num-train", "4", "--num-test", "4", "--out", str(tmp_path)]) == 0
+    printed = capsys.readouterr().out
+    assert "wrote 4 train environments" in printed and "wrote 4 test environments" in printed
+    assert "train Parallel Multi-Hop   1" in printed and '"gold_calls": [' in printed
+    assert [len(read_records(tmp_path / f"{s}.jsonl")) for s in ("train", "test")] == [4, 4]
