@@ -101,6 +101,7 @@ def run_episodes(
     ``execute`` runs a batch of turns' tool calls: ``[(codes, tool_calls), ...] -> [[output, ...], ...]``
     (``Sandbox.map_calls`` bound to a timeout).
     """
+    from ftrl.envs.taubench import TurnContext
     from ftrl.llm.engines.base import ChatRequest
     from ftrl.reward import apply_tool_results
 
@@ -128,7 +129,9 @@ def run_episodes(
             else:
                 episode.done = True
         if calling:
-            results = execute([(ep.sample.codes, ep.messages[-1]["tool_calls"]) for ep in calling])
+            # The turn context lets stateful environments (tau-bench) rebuild their state.
+            results = execute([(ep.sample.codes, ep.messages[-1]["tool_calls"], TurnContext(ep.record, ep.messages[:-1]))
+                               for ep in calling])
             for episode, outputs in zip(calling, results):
                 tool_calls = episode.messages[-1]["tool_calls"]
                 episode.messages.extend(
@@ -153,13 +156,15 @@ def run_episodes(
     bar.close()
 
 
-def executor_from_config(cfg: Any) -> Callable[[list[tuple[Any, list[dict]]]], list[list[str]]]:
-    """``[(codes, tool_calls), ...] -> [[output, ...], ...]`` through the shared sandbox."""
-    from ftrl.envs.sandbox import get_sandbox
+def executor_from_config(cfg: Any) -> Callable[[list[tuple[Any, ...]]], list[list[str]]]:
+    """``[(codes, tool_calls[, TurnContext]), ...] -> [[output, ...], ...]`` through the shared sandbox.
 
-    sandbox = get_sandbox(workers=cfg.resources.sandbox_workers)
-    timeout = cfg.reward.tool_timeout_s
-    return lambda jobs: sandbox.map_calls(jobs, timeout=timeout)
+    Stateless environments run their calls as they are; stateful ones (a record ``state`` field, e.g.
+    tau-bench) replay the episode's earlier calls on a fresh copy of their initial state first.
+    """
+    from ftrl.envs.taubench import executor_from_config as stateful_executor
+
+    return stateful_executor(cfg)
 
 
 def parser_from_config(cfg: Any) -> Parser:

@@ -111,6 +111,9 @@ class ProceduralConfig:
     # ... and how many distractor tools are added (a range).
     min_distractors: int = 0
     max_distractors: int = 0
+    # Draw ids and answers from a fixed pool of this many values per kind, shared by train and test
+    # (a small world vocabulary); null: fresh random values everywhere.
+    id_pool_size: Optional[int] = None
 
 
 @dataclass
@@ -120,14 +123,82 @@ class FilesConfig:
 
 
 @dataclass
+class LLMBuildConfig:
+    """The LLM environment builder (``envs=llm``, ``ftrl.envs.build``): endpoint, seeds, knobs, gates.
+
+    The builder model is independent of the policy (``model``): any OpenAI-compatible endpoint, a
+    hosted API or a local ``vllm serve``. Seeds come from ``seed_file`` (JSONL, one ``{"question"}``
+    per line) and/or are generated from ``topics``. The scaling knobs mean what they mean for
+    ``envs.procedural``: a probability per environment, and a range of distractor tools.
+    """
+
+    model: str = "gpt-4o-mini"
+    api: ApiConfig = field(default_factory=ApiConfig)
+    backoff_base_s: float = 1.0  # retry delays: base * 2**attempt (capped), or the server's Retry-After
+    temperature: float = 0.0
+    max_tokens: int = 4096
+    json_mode: bool = True  # ask for response_format=json_object (OpenAI, vLLM); false for servers without it
+    seed: int = 0  # knob draws and the train/test assignment of seeds without a split
+    # Seeds: a JSONL of questions (optional "id", "split", "scenario" per line), and/or topics.
+    seed_file: Optional[str] = None
+    topics: list[str] = field(default_factory=list)
+    tasks_per_topic: int = 4
+    scenario_weights: dict[str, float] = field(
+        default_factory=lambda: {"single_hop": 1.0, "parallel_single_hop": 1.0, "multi_hop": 1.0,
+                                 "parallel_multi_hop": 1.0}
+    )
+    test_fraction: float = 0.2
+    max_tasks: Optional[int] = None
+    # Complexity scaling (probability per environment, and a range of distractor tools).
+    functional_generalization: float = 0.0
+    parameter_expansion: float = 0.0
+    parameter_type_generalization: float = 0.0
+    min_distractors: int = 0
+    max_distractors: int = 0
+    # Structured outputs: repair requests after a malformed/invalid reply (0 = fail at once).
+    max_repairs: int = 2
+    # Gates.
+    dedup_threshold: float = 0.9  # questions at least this similar (token Jaccard) are duplicates
+    gate_timeout_s: float = 10.0
+    reference_check: bool = False  # a reference model (default: the builder) must solve each env ...
+    reference_model: Optional[str] = None
+    reference_max_turns: int = 5  # ... within this many turns
+    # Prompts: a directory of <stage>.txt files and/or one file per stage, overriding the packaged ones.
+    prompts_dir: Optional[str] = None
+    prompts: dict[str, str] = field(default_factory=dict)
+    # The set's name (its directory is <envs.sets_dir>/<set_name>-<content hash>) and the LLM cache.
+    set_name: str = "llm"
+    cache_dir: Optional[str] = None  # null: <envs.sets_dir>/.cache
+
+
+@dataclass
+class TauBenchConfig:
+    """tau-bench tools/codes/DB imported as a stateful environment family (``envs=taubench``)."""
+
+    data_dir: Optional[str] = None  # holds tau-bench/; null: the FTRL_DATA_DIR environment variable
+    domains: list[str] = field(default_factory=lambda: ["airline", "retail"])
+    include_policy: bool = True  # the domain's wiki.md as the system message
+    test_fraction: float = 0.2
+    seed: int = 0
+    max_tasks: Optional[int] = None
+    embed_db: bool = False  # copy the DB into every record (self-contained, MBs each) instead of its hash
+
+
+@dataclass
 class EnvsConfig:
-    name: str = "procedural"  # procedural | ftrl_files | llm
+    name: str = "procedural"  # procedural | ftrl_files | llm | set | taubench
     procedural: ProceduralConfig = field(default_factory=ProceduralConfig)
     files: FilesConfig = field(default_factory=FilesConfig)
     # Optional caps applied after loading (useful for quick runs on big sets).
     max_train: Optional[int] = None
     max_test: Optional[int] = None
-    llm: dict[str, Any] = field(default_factory=dict)
+    llm: LLMBuildConfig = field(default_factory=LLMBuildConfig)
+    taubench: TauBenchConfig = field(default_factory=TauBenchConfig)
+    # Versioned environment sets (ftrl.envs.sets): where they live, and (envs=set) which to mix:
+    # {name | name-hash | path: weight}; weight 1.0 takes a set's train split once, 0.5 half, 2.0 twice.
+    sets_dir: str = "outputs/env_sets"
+    mix: dict[str, float] = field(default_factory=dict)
+    mix_seed: int = 0
 
 
 @dataclass
@@ -228,9 +299,76 @@ class PeftConfig:
 
 
 @dataclass
+class VerlConfig:
+    """``backend=verl``: what the shared groups do not already say (see ``ftrl.train.verl_backend``).
+
+    Hyper-parameters come from ``train``/``algorithm``/``mode``; GPUs, tensor parallel size and
+    vLLM memory from ``resources``. ``overrides`` are raw verl overrides appended last (they win).
+    """
+
+    rollout_engine: str = "vllm"  # verl's async rollout server: vllm | sglang
+    strategy: str = "fsdp"  # actor/ref/critic engine: fsdp | fsdp2
+    use_dynamic_bsz: bool = True  # pack micro-batches by tokens (else train.micro_batch_size sequences)
+    # Token budget per GPU micro-batch; null: one longest sequence (mode.max_prompt_tokens + response).
+    ppo_max_token_len_per_gpu: Optional[int] = None
+    param_offload: bool = False  # FSDP parameter offload to CPU (actor)
+    optimizer_offload: bool = False  # FSDP optimizer-state offload to CPU (actor)
+    agent_workers: int = 8  # agent-loop worker processes that drive the rollout server
+    keep_checkpoints: int = 1  # verl checkpoints kept per round (each holds optimizer state)
+    python: Optional[str] = None  # interpreter for the verl subprocesses; null: this one
+    env: dict[str, str] = field(default_factory=dict)  # for the verl process and every Ray worker
+    overrides: list[str] = field(default_factory=list)  # raw verl overrides, appended last
+
+    def check(self, run: "RunConfig") -> None:
+        """Cross-field rules of the verl backend; messages name the key and the valid options."""
+        _check_choice("backend.verl.rollout_engine", self.rollout_engine, ("vllm", "sglang"))
+        _check_choice("backend.verl.strategy", self.strategy, ("fsdp", "fsdp2"))
+        _check_positive("backend.verl.agent_workers", self.agent_workers)
+        _check_positive("backend.verl.keep_checkpoints", self.keep_checkpoints)
+        longest = run.mode.max_prompt_tokens + run.max_new_tokens
+        if self.ppo_max_token_len_per_gpu is not None and self.ppo_max_token_len_per_gpu < longest:
+            raise ConfigError(f"backend.verl.ppo_max_token_len_per_gpu: {self.ppo_max_token_len_per_gpu} cannot hold "
+                              f"one sequence of mode.max_prompt_tokens + response tokens = {longest}; raise it or "
+                              f"set null")
+        for index, override in enumerate(self.overrides):
+            if not isinstance(override, str) or "=" not in override:
+                raise ConfigError(f"backend.verl.overrides[{index}]: {override!r} is not a verl override "
+                                  f"'key=value' (e.g. 'actor_rollout_ref.rollout.enforce_eager=true')")
+        for name in self.env:
+            if not name.isidentifier():
+                raise ConfigError(f"backend.verl.env: {name!r} is not a valid environment variable name")
+        # verl's own limits, checked here so the run fails before collection instead of after it.
+        _check_choice("train.lr_scheduler (backend=verl)", run.train.lr_scheduler, ("constant", "cosine"))
+        if run.train.mini_batch_prompts > run.train.prompts_per_step:
+            raise ConfigError(f"train.mini_batch_prompts: {run.train.mini_batch_prompts} exceeds "
+                              f"train.prompts_per_step={run.train.prompts_per_step} (verl needs mini <= batch)")
+        if run.peft.name == "lora":
+            if run.peft.layers is not None:
+                raise ConfigError("peft.layers: verl's LoRA adapts every layer; layer-restricted LoRA needs "
+                                  "backend=native")
+            if run.peft.dropout:
+                raise ConfigError(f"peft.dropout: verl's LoRA has no dropout; got {run.peft.dropout}, use 0.0")
+            if run.freeze.name != "none":
+                raise ConfigError(f"freeze={run.freeze.name} with peft=lora: verl's LoRA freezes every base "
+                                  "weight, so a freeze policy has no effect there; use backend=native")
+        gpus = run.resources.n_gpus_per_node * run.resources.nnodes
+        if gpus < 1:
+            log.warning("backend=verl trains on GPUs but resources.n_gpus_per_node=%d: the train stage will "
+                        "refuse to start; choose a GPU profile (resources=1x24gb, 8x80gb, ...)",
+                        run.resources.n_gpus_per_node)
+            return
+        if gpus % run.resources.tensor_parallel_size:
+            raise ConfigError(f"resources.tensor_parallel_size: {run.resources.tensor_parallel_size} does not "
+                              f"divide the {gpus} GPUs (n_gpus_per_node x nnodes)")
+        if not self.use_dynamic_bsz and (run.train.prompts_per_step * run.train.n) % gpus:
+            raise ConfigError(f"train.prompts_per_step x train.n = {run.train.prompts_per_step * run.train.n} "
+                              f"sequences must split evenly over {gpus} GPUs")
+
+
+@dataclass
 class BackendConfig:
     name: str = "native"  # native | verl
-    verl: dict[str, Any] = field(default_factory=dict)
+    verl: VerlConfig = field(default_factory=VerlConfig)
 
 
 @dataclass
@@ -340,6 +478,15 @@ class RunConfig:
                 raise ConfigError(f"envs.procedural.{key}: must be a probability in [0, 1], got {value}")
         if proc.min_distractors > proc.max_distractors:
             raise ConfigError("envs.procedural.min_distractors must be <= envs.procedural.max_distractors")
+        _validate_llm_build(self.envs.llm)
+        for ref, weight in self.envs.mix.items():
+            if weight is None or not weight > 0:
+                raise ConfigError(f"envs.mix.{ref}: weight must be > 0, got {weight!r}")
+        if not 0.0 <= self.envs.taubench.test_fraction < 1.0:
+            raise ConfigError(f"envs.taubench.test_fraction: must be in [0, 1), "
+                              f"got {self.envs.taubench.test_fraction}")
+        for index, domain in enumerate(self.envs.taubench.domains):
+            _check_choice(f"envs.taubench.domains[{index}]", domain, ("airline", "retail"))
 
         REWARDS.check(self.reward.name, "reward.name")
         _check_choice("reward.compat", self.reward.compat, ("ftrl", "fixed"))
@@ -369,6 +516,8 @@ class RunConfig:
         _check_choice("freeze.action", self.freeze.action, ("train", "freeze"))
         _check_choice("peft.name", self.peft.name, ("none", "lora"))
         _check_choice("backend.name", self.backend.name, ("native", "verl"))
+        if self.backend.name == "verl":
+            self.backend.verl.check(self)
         _check_choice("resources.device", self.resources.device, ("auto", "cpu", "cuda"))
         _check_positive("resources.sandbox_workers", self.resources.sandbox_workers)
         for index, name in enumerate(self.eval.benchmarks):
@@ -385,6 +534,40 @@ class RunConfig:
         if self.model.max_new_tokens is None:
             return self.mode.max_response_tokens
         return min(self.mode.max_response_tokens, self.model.max_new_tokens)
+
+
+def _validate_llm_build(llm: LLMBuildConfig) -> None:
+    key = "envs.llm"
+    for name in ("functional_generalization", "parameter_expansion", "parameter_type_generalization"):
+        value = getattr(llm, name)
+        if not 0.0 <= value <= 1.0:
+            raise ConfigError(f"{key}.{name}: must be a probability in [0, 1], got {value}")
+    if not 0 <= llm.min_distractors <= llm.max_distractors:
+        raise ConfigError(f"{key}.min_distractors/max_distractors: need 0 <= min <= max, got "
+                          f"{llm.min_distractors}, {llm.max_distractors}")
+    if not 0.0 <= llm.test_fraction < 1.0:
+        raise ConfigError(f"{key}.test_fraction: must be in [0, 1), got {llm.test_fraction}")
+    if not 0.0 < llm.dedup_threshold <= 1.0:
+        raise ConfigError(f"{key}.dedup_threshold: must be in (0, 1], got {llm.dedup_threshold}")
+    _check_positive(f"{key}.max_repairs", llm.max_repairs, allow_zero=True)
+    _check_positive(f"{key}.tasks_per_topic", llm.tasks_per_topic)
+    _check_positive(f"{key}.max_tokens", llm.max_tokens)
+    _check_positive(f"{key}.gate_timeout_s", llm.gate_timeout_s)
+    _check_positive(f"{key}.reference_max_turns", llm.reference_max_turns)
+    _check_positive(f"{key}.backoff_base_s", llm.backoff_base_s, allow_zero=True)
+    _check_positive(f"{key}.api.concurrency", llm.api.concurrency)
+    _check_positive(f"{key}.api.max_retries", llm.api.max_retries, allow_zero=True)
+    _check_positive(f"{key}.api.timeout_s", llm.api.timeout_s)
+    if llm.temperature < 0:
+        raise ConfigError(f"{key}.temperature: must be >= 0, got {llm.temperature}")
+    scenario_keys = ("single_hop", "parallel_single_hop", "multi_hop", "parallel_multi_hop")
+    for name, weight in llm.scenario_weights.items():
+        _check_choice(f"{key}.scenario_weights", name, scenario_keys)
+        if weight is None or weight < 0:
+            raise ConfigError(f"{key}.scenario_weights.{name}: must be >= 0, got {weight!r}")
+    stages = ("seed", "decompose", "document", "integrate", "scale", "deploy", "repair")
+    for stage in llm.prompts:
+        _check_choice(f"{key}.prompts", stage, stages)
 
 
 def load_run_config(cfg: DictConfig | dict) -> RunConfig:

@@ -205,6 +205,15 @@ def run_tool_calls(codes: Mapping[str, str], tool_calls: Sequence[ToolCall], tim
     return outputs
 
 
+def _run_stateful(sample: Mapping[str, Any], tool_calls: Sequence[ToolCall], timeout: float) -> list[str]:
+    from ftrl.envs.taubench import run_stateful_calls
+
+    try:
+        return run_stateful_calls(sample, tool_calls, timeout)
+    except Exception as error:  # noqa: BLE001 - a reward never raises on model output
+        return [_error_output(call, error) for call in tool_calls]
+
+
 def score_response(
     response: str,
     sample: Mapping[str, Any],
@@ -228,7 +237,12 @@ def score_response(
     message = _parse(text, parse)
     tool_calls = message.get("tool_calls") or []
     if tool_calls:
-        outputs = run_tool_calls(codes, tool_calls, timeout)
+        if sample.get("state"):
+            # Stateful environments (tau-bench): the snapshot's history is replayed on a fresh copy
+            # of the initial state before this turn's calls run (see ftrl.envs.taubench).
+            outputs = _run_stateful(sample, tool_calls, timeout)
+        else:
+            outputs = run_tool_calls(codes, tool_calls, timeout)
         try:
             solved = apply_tool_results(tool_calls, outputs, unsolved)
         except Exception:  # e.g. a sandbox output that answer_verify cannot read

@@ -26,7 +26,7 @@ def ensure_base_model(ctx: RunContext) -> Path | str:
     if cfg.model.path is not None:
         return cfg.model.path
     from ftrl.envs.io import read_records
-    from ftrl.llm.tiny import corpus_from_records, create_tiny_base
+    from ftrl.llm.tiny import atomic_words_from_records, corpus_from_records, create_tiny_base
 
     out_dir = ctx.run_dir.base_model
     if "base_model" not in ctx.cache:
@@ -34,8 +34,9 @@ def ensure_base_model(ctx: RunContext) -> Path | str:
         if not train_path.exists():
             raise FileNotFoundError(f"{train_path} is missing: the tiny model's tokenizer is fitted to the "
                                     "train environments, so run the build_envs stage first")
-        corpus = corpus_from_records(read_records(train_path))
-        ctx.cache["base_model"] = create_tiny_base(cfg.model.tiny, corpus, out_dir, seed=cfg.seed)
+        records = read_records(train_path)
+        ctx.cache["base_model"] = create_tiny_base(cfg.model.tiny, corpus_from_records(records), out_dir,
+                                                   seed=cfg.seed, atomic_words=atomic_words_from_records(records))
     return ctx.cache["base_model"]
 
 
@@ -47,10 +48,19 @@ def engine_for(ctx: RunContext, policy: Path | str, batch_size: int) -> Any:
         ensure_base_model(ctx)
     key = ("engine", str(policy))
     if ctx.cache.get("engine_key") != key:
-        ctx.cache.pop("engine", None)
+        release_engine(ctx)
         ctx.cache["engine"] = build_engine(ctx.cfg, policy, batch_size=batch_size)
         ctx.cache["engine_key"] = key
     return ctx.cache["engine"]
+
+
+def release_engine(ctx: RunContext) -> None:
+    """Drop the cached engine and free what it holds (a vLLM engine keeps GPU memory until closed)."""
+    engine = ctx.cache.pop("engine", None)
+    ctx.cache.pop("engine_key", None)
+    close = getattr(engine, "close", None)
+    if callable(close):
+        close()
 
 
 def read_split(ctx: RunContext, split: str) -> list[dict]:
@@ -78,7 +88,12 @@ def build_envs(ctx: RunContext) -> dict[str, Any]:
     for split, records in splits.items():
         write_jsonl(ctx.run_dir.envs(split), records)
     digest = env_set_hash(splits)
-    write_json(ctx.run_dir.envs_manifest, {"source": cfg.envs.name, "env_set_hash": digest, "counts": counts})
+    manifest = {"source": cfg.envs.name, "env_set_hash": digest, "counts": counts}
+    source_manifest = getattr(splits, "manifest", None)  # LLM-built / imported sets describe their build
+    if source_manifest:
+        manifest["source_manifest"] = source_manifest
+        manifest["source_path"] = str(getattr(splits, "path", "") or "")
+    write_json(ctx.run_dir.envs_manifest, manifest)
     for split, per_scenario in counts.items():
         log.info("envs %s: %d (%s)", split, sum(per_scenario.values()),
                  ", ".join(f"{k}={v}" for k, v in per_scenario.items()))
@@ -124,12 +139,14 @@ def collect(ctx: RunContext, k: int) -> dict[str, Any]:
 def warmup(ctx: RunContext) -> dict[str, Any]:
     from ftrl.train.warmup import run_warmup
 
+    release_engine(ctx)
     return run_warmup(ctx, ensure_base_model(ctx))
 
 
 def train(ctx: RunContext, k: int) -> dict[str, Any]:
     from ftrl.registry import BACKENDS
 
+    release_engine(ctx)  # the trainer (or verl's workers) needs the memory the collection engine holds
     return BACKENDS.get(ctx.cfg.backend.name)(ctx, k)
 
 

@@ -67,15 +67,18 @@ def test_counts_scenarios_and_split_disjointness(default_build) -> None:
     assert {r["split"] for r in train} == {"train"} and {r["split"] for r in test} == {"test"}
     assert default_build.report.kept == {"train": {s: 6 for s in SCENARIOS}, "test": {s: 2 for s in SCENARIOS}}
 
-    def root_ids(record: dict) -> tuple:
-        # The first call of each chain carries the id the question names.
-        first_turn = json.loads(record["gold_calls"])[0]
-        return tuple(sorted(str(next(iter(c["arguments"].values()))) for c in first_turn))
+    def asked(record: dict) -> tuple:
+        # What a question asks, however it is worded: each chain's root id (the first call's
+        # argument) and the tools the chain walks. Chains are the columns of the gold turns.
+        turns = json.loads(record["gold_calls"])
+        chains = [[turn[i] for turn in turns if i < len(turn)] for i in range(len(turns[0]))]
+        return tuple(sorted(
+            (str(next(iter(chain[0]["arguments"].values()))),) + tuple(c["name"] for c in chain) for chain in chains))
 
     train_questions = {r["messages"][0]["content"] for r in train}
     assert len(train_questions) == len(train)
     assert not train_questions & {r["messages"][0]["content"] for r in test}
-    assert not {root_ids(r) for r in train} & {root_ids(r) for r in test}
+    assert not {asked(r) for r in train} & {asked(r) for r in test}
 
 
 def test_every_record_is_a_valid_reference_record(default_build) -> None:

@@ -195,6 +195,38 @@ def _chain_paths(length: int) -> tuple[tuple[tuple[str, Field], ...], ...]:
 MAX_CHAIN = max(n for n in range(1, 10) if _chain_paths(n))
 
 
+def _check_pool_size(size: int | None) -> int | None:
+    if size is not None and size < 8:
+        raise ConfigError(f"envs.procedural.id_pool_size: must be null or >= 8, got {size}")
+    return size
+
+
+def value_pools(size: int, seed: int) -> dict[str, list[Any]]:
+    """A fixed set of at most ``size`` values per kind, shared by every environment of a build.
+
+    With pools, train and test draw ids and answers from the same small world vocabulary (each
+    environment still wires them into fresh tables), so a tokenizer fitted to the train split covers
+    the test split's values too. No pooled value (lower-cased) occurs inside another one or inside
+    the fixed output words, so each stays a clean unit of text.
+    """
+    rng = random.Random(f"value-pools-{seed}")
+    pools: dict[str, list[Any]] = {}
+    texts: list[str] = []
+    for kind in sorted(_VALUE_DRAWS):
+        values: list[Any] = []
+        for _ in range(200 * size):
+            if len(values) == size:
+                break
+            value = _VALUE_DRAWS[kind](rng)
+            text = str(value).lower()
+            if text in _OUTPUT_WORDS or any(text in seen or seen in text for seen in texts):
+                continue
+            texts.append(text)
+            values.append(value)
+        pools[kind] = values
+    return pools
+
+
 class _World:
     """One environment's tables: entity -> id -> row, with every drawn value distinct.
 
@@ -202,14 +234,15 @@ class _World:
     verifies against a sub-answer only if it really holds that value.
     """
 
-    def __init__(self, rng: random.Random) -> None:
+    def __init__(self, rng: random.Random, pools: Mapping[str, Sequence[Any]] | None = None) -> None:
         self.rng = rng
+        self.pools = pools
         self.rows: dict[str, dict[Any, dict[str, Any]]] = {}
         self._texts: list[str] = []
 
     def draw(self, kind: str) -> Any:
         for _ in range(1000):
-            value = _VALUE_DRAWS[kind](self.rng)
+            value = self.rng.choice(self.pools[kind]) if self.pools else _VALUE_DRAWS[kind](self.rng)
             text = str(value).lower()
             if text in _OUTPUT_WORDS or any(text in seen or seen in text for seen in self._texts):
                 continue
@@ -359,7 +392,9 @@ class Candidate:
     """An environment before the gate: the record plus the probe calls the gate makes."""
 
     record: dict[str, Any]
-    id_combination: tuple[str, ...]  # the ids the question names (test may not reuse a train one)
+    # What the question asks: each chain's root id and the fields it walks. A test question may not
+    # ask what a train question asks, however it is worded.
+    id_combination: tuple[str, ...]
     invalid_calls: list[dict[str, Any]]     # {"name", "arguments"}: each must come back as an error
     distractor_calls: list[dict[str, Any]]  # plausible calls of distractor tools
 
@@ -381,6 +416,7 @@ class _Settings:
     min_distractors: int
     max_distractors: int
     gate_timeout_s: float
+    id_pool_size: int | None = None
 
     @classmethod
     def from_config(cls, cfg: ProceduralConfig) -> _Settings:
@@ -413,7 +449,8 @@ class _Settings:
                 raise ConfigError(f"{key}.{name}: must be >= 0, got {getattr(cfg, name)}")
         return cls(weights, cfg.max_hops, cfg.max_parallel, cfg.functional_generalization,
                    cfg.parameter_expansion, cfg.parameter_type_generalization, cfg.min_distractors,
-                   cfg.max_distractors, float(getattr(cfg, "gate_timeout_s", GATE_TIMEOUT_S)))
+                   cfg.max_distractors, float(getattr(cfg, "gate_timeout_s", GATE_TIMEOUT_S)),
+                   _check_pool_size(getattr(cfg, "id_pool_size", None)))
 
 
 _SINGULAR_TEMPLATES = ("What is {}?", "Find {}.", "Look up {}.")
@@ -522,15 +559,19 @@ def _distractor_calls(distractors: Sequence[_Tool], chains: list[list[Hop]], wor
     return calls
 
 
-def sample_candidate(scenario: str, cfg: ProceduralConfig | _Settings, rng: random.Random) -> Candidate:
-    """Draw one environment of ``scenario`` (a data_source name) with the knobs of ``cfg``."""
+def sample_candidate(scenario: str, cfg: ProceduralConfig | _Settings, rng: random.Random,
+                     pools: Mapping[str, Sequence[Any]] | None = None) -> Candidate:
+    """Draw one environment of ``scenario`` (a data_source name) with the knobs of ``cfg``.
+
+    ``pools`` (from :func:`value_pools`) restricts every drawn value to a fixed set per kind.
+    """
     settings = cfg if isinstance(cfg, _Settings) else _Settings.from_config(cfg)
     if scenario not in SCENARIOS:
         raise ValueError(unknown_choice_message("scenario", scenario, list(SCENARIOS)))
     general = rng.random() < settings.functional_generalization
     expanded = rng.random() < settings.parameter_expansion
     typed = rng.random() < settings.parameter_type_generalization
-    world = _World(rng)
+    world = _World(rng, pools)
     chains = _build_chains(scenario, settings, world, rng)
 
     def tool_of(hop: Hop) -> _Tool:
@@ -571,7 +612,7 @@ def sample_candidate(scenario: str, cfg: ProceduralConfig | _Settings, rng: rand
         "split": "train",
         "gold_calls": json.dumps(gold_turns, ensure_ascii=False),
     }
-    id_combination = tuple(sorted(str(chain[0].arg) for chain in chains))
+    id_combination = tuple(sorted(f"{chain[0].arg}:{'/'.join(hop.field.key for hop in chain)}" for chain in chains))
     return Candidate(record, id_combination, _invalid_calls(all_tools, world),
                      _distractor_calls(distractors, chains, world))
 
@@ -692,6 +733,7 @@ def generate_envs(cfg: ProceduralConfig, seed: int) -> ProceduralBuild:
     settings = _Settings.from_config(cfg)
     started = time.perf_counter()
     rng = random.Random(seed)
+    pools = value_pools(settings.id_pool_size, seed) if settings.id_pool_size else None
     report = BuildReport(seed=seed)
     rejected: Counter[str] = Counter()
     seen_questions: set[str] = set()
@@ -713,7 +755,7 @@ def generate_envs(cfg: ProceduralConfig, seed: int) -> ProceduralBuild:
                         raise RuntimeError(f"procedural generator: only {len(accepted)} of {need} {split} "
                                            f"'{scenario}' environments after {drawn} candidates; "
                                            f"rejections {dict(rejected)}")
-                    candidate = sample_candidate(scenario, settings, rng)
+                    candidate = sample_candidate(scenario, settings, rng, pools)
                     drawn += 1
                     report.candidates += 1
                     if candidate.question in seen_questions or candidate.question in pending:

@@ -65,13 +65,13 @@ when a worker is respawned), and keep tool state in shared modules until it is r
 adversarial code run the workers inside a container, gVisor/nsjail or under seccomp and a
 dedicated uid.
 
-Stateful sessions (later): tau-bench tools take ``data=`` that persists across an episode's calls.
-Today ``extra_kwargs`` is passed to every call of a job: the job's calls run in order on one
-worker and share one copy (as the reference's ``get_feedback(calls, codes, data=data)`` does within a
-turn); the caller's object is never changed and changes are not sent back. A session would pin an
-episode to one worker slot, keep ``data`` in the worker under a
-session id (new ``op`` values next to ``run``/``exit``) and must not re-run calls after a crash (the
-progress record already tells which calls started).
+State: tau-bench tools take ``data=`` that persists across an episode's calls. ``extra_kwargs`` is
+passed to every call of a job: the job's calls run in order on one worker and share one copy (as the
+reference's ``get_feedback(calls, codes, data=data)`` does within a turn); every job gets its own
+copy, even when several jobs were given the same object (each job's extras are pickled apart); the
+caller's object is never changed and changes are not sent back. State across turns is rebuilt by
+replaying the episode's earlier calls in the same job (``ftrl.envs.taubench.StatefulExecutor``).
+A worker crash in the middle of such a job re-runs the rest of its calls on a fresh copy.
 
     python -m ftrl.envs.sandbox --bench          # calls/s and per-call overhead vs in-process
     python -m pytest tests/test_sandbox.py -q
@@ -304,11 +304,37 @@ def _cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
+class _JobExtras:
+    """A request's extra_kwargs, one pickle per job (the parent pickles them apart, so two jobs never
+    share an object, even when the caller passed the same one). A job's copy is unpickled when its
+    first call runs and the previous job's copy is dropped then (a job's calls are contiguous in a
+    request), so a worker holds one decoded copy at a time however many jobs a request carries."""
+
+    __slots__ = ("blobs", "index", "value")
+
+    def __init__(self, blobs: list) -> None:
+        self.blobs = blobs
+        self.index = -1
+        self.value: Any = None
+
+    def __getitem__(self, index: int) -> Any:
+        if index != self.index:
+            self.index, self.value = -1, None
+            try:
+                value = pickle.loads(self.blobs[index])
+            except _Limit:
+                raise
+            except BaseException as error:  # noqa: BLE001 - e.g. a class the worker cannot import
+                raise RuntimeError(f"sandbox could not decode the call: {type(error).__name__}: {error}") from None
+            self.index, self.value = index, value
+        return self.value
+
+
 def _run_request(message: dict, codes: dict, compiled: dict, result_fd: int, progress: mmap.mmap) -> None:
     seq = message["seq"]
     calls = message["calls"]
     codes.update(message["codes"])
-    extras = message["extras"]
+    extras = _JobExtras(message["extras"])
     scope = message["scope"]
     timeout = message["timeout"]
     cpu_limit = message["cpu_limit"]
@@ -993,10 +1019,21 @@ class Sandbox:
                     index = extra_index[call.job] = len(extras)
                     extras.append(call.extra)
             wire_calls.append((call.name, call.arguments, call.digest, index, call.lookup_error))
-        message = {"op": "run", "seq": self._seq, "codes": new_codes, "extras": extras, "calls": wire_calls,
-                   "scope": scope, "timeout": timeout, "cpu_limit": cpu_limit,
-                   "max_chars": self.max_output_chars}
         try:
+            # Each job's extras are pickled apart: one pickle of the whole message would let two jobs
+            # that got the same object (a database) share, and mutate, one copy in the worker.
+            # Jobs whose extras hold the very same objects share one pickle (the worker still decodes a
+            # fresh copy per job): sending one database to many episodes costs one serialisation.
+            pickled: dict[tuple, bytes] = {}
+            blobs = []
+            for extra in extras:
+                identity = tuple((key, id(value)) for key, value in extra.items())
+                if identity not in pickled:
+                    pickled[identity] = pickle.dumps(extra, protocol=pickle.HIGHEST_PROTOCOL)
+                blobs.append(pickled[identity])
+            message = {"op": "run", "seq": self._seq, "codes": new_codes, "extras": blobs, "calls": wire_calls,
+                       "scope": scope, "timeout": timeout, "cpu_limit": cpu_limit,
+                       "max_chars": self.max_output_chars}
             payload = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
         except Exception as error:  # noqa: BLE001 - e.g. an extra_kwargs value that cannot be pickled
             for call in chunk:

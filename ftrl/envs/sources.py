@@ -22,3 +22,33 @@ def ftrl_files(cfg: RunConfig) -> Records:
     from ftrl.envs.io import load_ftrl_files
 
     return load_ftrl_files(cfg.envs.files)
+
+
+def llm(cfg: RunConfig) -> Records:
+    """Build (or replay from the cache) an env set with the LLM builder; stored under envs.sets_dir too."""
+    from ftrl.envs.build import build_env_set
+
+    return build_env_set(cfg.envs.llm, sets_dir=cfg.envs.sets_dir).as_env_records()
+
+
+def env_set(cfg: RunConfig) -> Records:
+    """Stored env sets mixed by weight (``envs.mix``)."""
+    from ftrl.envs.sets import mix_sets
+
+    return mix_sets(dict(cfg.envs.mix), cfg.envs.sets_dir, seed=cfg.envs.mix_seed)
+
+
+def taubench(cfg: RunConfig) -> Records:
+    """tau-bench tasks as stateful environments (data from envs.taubench.data_dir or FTRL_DATA_DIR)."""
+    import dataclasses
+    import logging
+
+    from ftrl.envs.sets import EnvRecords
+    from ftrl.envs.taubench import build_taubench_envs
+
+    tau = cfg.envs.taubench
+    if tau.data_dir is None and cfg.eval.data_dir is not None:
+        tau = dataclasses.replace(tau, data_dir=cfg.eval.data_dir)
+    records, report = build_taubench_envs(tau, timeout=cfg.reward.tool_timeout_s)
+    logging.getLogger(__name__).info(report.summary())
+    return EnvRecords(records, {"source": "taubench", "domains": list(tau.domains), "import": vars(report)})

@@ -60,12 +60,19 @@ TOOL_ERROR_PREFIX = "an error occured when call"  # the reference's tool-error t
 
 
 # ----------------------------------------------------------------------------------------- tokenizer
-def build_tokenizer(corpus: Iterable[str], vocab_size: int = 2048) -> PreTrainedTokenizerFast:
+def build_tokenizer(corpus: Iterable[str], vocab_size: int = 2048,
+                    atomic_words: Sequence[str] = ()) -> PreTrainedTokenizerFast:
     """Train a byte-level BPE tokenizer on ``corpus`` and wrap it for transformers.
 
     The vocabulary has at most ``vocab_size`` entries (fewer when the corpus runs out of merges);
     ``len(tokenizer)`` is the exact size a model needs. Ids 0-2 are ``<|endoftext|>``,
     ``<|im_start|>``, ``<|im_end|>``; ids 3-10 are the tags of ``TOOL_TAGS``.
+
+    ``atomic_words`` (e.g. the ids and answers of an environment set, see
+    :func:`atomic_words_from_records`) become single tokens wherever they occur, so an argument is
+    one token in the question, in the call and in the tool output. A ~1M-parameter model then learns
+    to copy it with one attention lookup; copying a multi-token id digit by digit needs induction
+    heads that take far longer to form than a CPU demo allows.
     """
     if vocab_size < MIN_VOCAB_SIZE:
         raise ValueError(
@@ -73,6 +80,9 @@ def build_tokenizer(corpus: Iterable[str], vocab_size: int = 2048) -> PreTrained
             f"tags alone take {MIN_VOCAB_SIZE}"
         )
     reserved = list(SPECIAL_TOKENS) + list(TOOL_TAGS)
+    atomic = sorted(dict.fromkeys(w for w in atomic_words if w and w not in reserved))
+    if vocab_size - len(atomic) < MIN_VOCAB_SIZE:
+        raise ValueError(f"vocab_size={vocab_size} leaves no room for BPE after {len(atomic)} atomic words")
     # Encoding cuts text at reserved tokens before BPE runs; train on the same pieces so no merges
     # are spent on fragments such as "tool_call>" or on glue spanning "</tool_call><|im_end|>".
     boundary = re.compile("|".join(re.escape(token) for token in reserved))
@@ -88,13 +98,15 @@ def build_tokenizer(corpus: Iterable[str], vocab_size: int = 2048) -> PreTrained
     )
     backend.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
+        vocab_size=vocab_size - len(atomic),
         special_tokens=[AddedToken(token, special=True, normalized=False) for token in reserved],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     backend.train_from_iterator(texts, trainer)
     backend = _unmark_tool_tags(backend)
+    if atomic:
+        backend.add_tokens([AddedToken(word, normalized=False, special=False) for word in atomic])
 
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=backend,
@@ -283,6 +295,30 @@ def corpus_from_records(records: Iterable[Mapping[str, Any]]) -> list[str]:
     return corpus
 
 
+ATOMIC_WORD = re.compile(r"^[A-Za-z0-9][A-Za-z0-9+\-_.]{0,11}$")
+
+
+def atomic_words_from_records(records: Iterable[Mapping[str, Any]]) -> list[str]:
+    """Short id-like values of an environment set: gold-call argument values and sub-answers.
+
+    Only single words of up to 12 characters qualify (``P73``, ``4821``, ``UTC+3``); sentences and
+    JSON never do. Sorted, so the result depends only on the set of values.
+    """
+    words: set[str] = set()
+    for index, record in enumerate(records):
+        values: list[Any] = [v for answers in _record_field(record, "unsolved_set", index).values() for v in answers]
+        values += str(record.get("answer") or "").split(", ")
+        if record.get("gold_calls"):
+            for turn in _record_field(record, "gold_calls", index):
+                for call in turn:
+                    arguments = call.get("arguments") or {}
+                    values += list(arguments.values()) if isinstance(arguments, dict) else []
+        for value in values:
+            if isinstance(value, (str, int)) and not isinstance(value, bool) and ATOMIC_WORD.match(str(value)):
+                words.add(str(value))
+    return sorted(words)
+
+
 # ----------------------------------------------------------------------------------------- model
 def _special_id(tokenizer: PreTrainedTokenizerFast, token: str) -> int:
     token_id = tokenizer.convert_tokens_to_ids(token)
@@ -342,7 +378,8 @@ def is_complete_model_dir(path: Path) -> bool:
     return all((path / name).is_file() for name in REQUIRED_FILES)
 
 
-def create_tiny_base(cfg: TinyModelConfig, corpus: Iterable[str], out_dir: Path, seed: int) -> Path:
+def create_tiny_base(cfg: TinyModelConfig, corpus: Iterable[str], out_dir: Path, seed: int,
+                     atomic_words: Sequence[str] = ()) -> Path:
     """Build tokenizer + model and save them to ``out_dir``; return ``out_dir``.
 
     Idempotent: a directory that already holds a complete model is returned as it is. The files are
@@ -360,7 +397,7 @@ def create_tiny_base(cfg: TinyModelConfig, corpus: Iterable[str], out_dir: Path,
             "remove it or choose another directory"
         )
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tokenizer = build_tokenizer(corpus, vocab_size=cfg.vocab_size)
+    tokenizer = build_tokenizer(corpus, vocab_size=cfg.vocab_size, atomic_words=atomic_words)
     tokenizer.model_max_length = cfg.max_position_embeddings
     model = build_tiny_model(cfg, tokenizer, seed)
     staging = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}"

@@ -52,6 +52,8 @@ def final_answer_text(answer: str) -> str:
 def gold_examples(records: Sequence[Mapping[str, Any]],
                   execute: Callable[[list[tuple[Any, list[dict]]]], list[list[str]]]) -> list[WarmupExample]:
     """Replay every record's gold chain through the tools; one example per assistant turn."""
+    from ftrl.envs.taubench import TurnContext
+
     states = []
     for index, record in enumerate(records):
         if "gold_calls" not in record:
@@ -72,8 +74,9 @@ def gold_examples(records: Sequence[Mapping[str, Any]],
             tool_calls = [{"id": f"call_{turn_no}_{j}", "type": "function",
                            "function": {"name": c["name"], "arguments": json.dumps(c["arguments"], ensure_ascii=False)}}
                           for j, c in enumerate(calls)]
+            history = copy.deepcopy(messages)
             messages.append({"role": "assistant", "content": "", "tool_calls": tool_calls})
-            jobs.append((sample.codes, tool_calls))
+            jobs.append((sample.codes, tool_calls, TurnContext(records[i], history)))
         for (i, (sample, turns, messages)), outputs in zip(active, execute(jobs)):
             tool_calls = messages[-1]["tool_calls"]
             messages.extend({"role": "tool", "content": out, "tool_call_id": call["id"]}

@@ -1,0 +1,27 @@
+"""LLM environment builder (``envs=llm``): the paper's five stages, quality gates, versioned env sets.
+
+A seed task (a question from ``envs.llm.seed_file``, or one the LLM writes for a topic in
+``envs.llm.topics``) goes through
+
+1. scenario decomposition (``stages.decompose``): scenario type, sub-questions with sub-answers and
+   their dependencies, final answer;
+2. document generation (``stages.document``): one OpenAI function schema per sub-question;
+3. function integration (``stages.integrate``): overlapping tools merged, n -> m <= n, with the map
+   from each sub-question to the tool and call that answers it;
+4. complexity scaling (``stages.scale``): functional generalisation, parameter expansion,
+   parameter-type generalisation and distractor tools, each a knob with a strength;
+5. localized deployment (``stages.deploy``): Python source per tool;
+
+then the quality gates (``gate``) before it is kept. Each stage has a prompt template in
+``prompts/`` (overridable from config), its replies are validated against a schema and repaired a
+bounded number of times (``llm.StructuredLLM``), and every failure is reported with its reason.
+The result is a content-hashed environment set with a manifest and a build report
+(``ftrl.envs.sets``); every request is cached, so a re-run costs no LLM call.
+
+    python -m ftrl.envs.build seed_file=questions.jsonl model=gpt-4o-mini
+    python -m ftrl.run stages=[build_envs] envs=llm envs.llm.seed_file=questions.jsonl
+"""
+
+from ftrl.envs.build.builder import BuildReport, BuildResult, build_env_set
+
+__all__ = ["BuildReport", "BuildResult", "build_env_set"]

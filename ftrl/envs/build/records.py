@@ -1,0 +1,126 @@
+"""Typed records the five builder stages exchange (seed task -> scenario -> docs -> tool set -> deployed env).
+
+Every record is a plain dataclass that round-trips through JSON (``to_dict``/``from_dict``), so a
+stage's inputs and outputs can be logged, cached and inspected. The scenario types are the
+reference's ``data_source`` names (``ftrl.types.SCENARIOS``).
+
+    python -c "from ftrl.envs.build.records import Scenario; help(Scenario)"
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+@dataclass
+class SeedTask:
+    """A question to turn into an environment (from the user's JSONL or generated from a topic)."""
+
+    task_id: str
+    question: str
+    origin: str  # "file:<path>:<line>" or "topic:<topic>"
+    split: str | None = None  # train | test; None: assigned by envs.llm.test_fraction
+    scenario: str | None = None  # a requested scenario type (topic-generated seeds), else the LLM decides
+    reference_answer: str | None = None  # a known final answer from the seed file, checked if given
+
+
+@dataclass
+class SubQuestion:
+    id: str
+    question: str
+    answer: str
+    depends_on: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Scenario:
+    """Stage 1 output: the task decomposed into sub-questions with known sub-answers."""
+
+    task: SeedTask
+    scenario_type: str
+    sub_questions: list[SubQuestion]
+    final_answer: str
+
+    def sub_question(self, sub_id: str) -> SubQuestion:
+        return next(sq for sq in self.sub_questions if sq.id == sub_id)
+
+    def levels(self) -> dict[str, int]:
+        """Turn index of each sub-question: 0 without dependencies, else 1 + its deepest dependency."""
+        levels: dict[str, int] = {}
+
+        def level(sub_id: str) -> int:
+            if sub_id not in levels:
+                deps = self.sub_question(sub_id).depends_on
+                levels[sub_id] = 1 + max(level(dep) for dep in deps) if deps else 0
+            return levels[sub_id]
+
+        for sq in self.sub_questions:
+            level(sq.id)
+        return levels
+
+
+@dataclass
+class GoldCall:
+    """The call that answers one sub-question."""
+
+    sub_question_id: str
+    name: str
+    arguments: dict[str, Any]
+
+    def as_call(self) -> dict[str, Any]:
+        return {"name": self.name, "arguments": copy.deepcopy(self.arguments)}
+
+
+@dataclass
+class Documented:
+    """Stage 2 output: one tool document (OpenAI function schema) and its gold call per sub-question."""
+
+    scenario: Scenario
+    tools: list[dict[str, Any]]
+    calls: list[GoldCall]
+
+
+@dataclass
+class ToolSet:
+    """Stages 3-4 output: the (merged, scaled) tools, the gold calls, and any distractor tools."""
+
+    scenario: Scenario
+    tools: list[dict[str, Any]]
+    calls: list[GoldCall]
+    merged_from: dict[str, list[str]] = field(default_factory=dict)  # integrated tool -> document tools
+    distractors: list[dict[str, Any]] = field(default_factory=list)
+    distractor_calls: list[dict[str, Any]] = field(default_factory=list)  # {"name", "arguments"}
+    strategies: list[str] = field(default_factory=list)  # complexity-scaling strategies applied
+
+    @property
+    def all_tools(self) -> list[dict[str, Any]]:
+        return self.tools + self.distractors
+
+
+@dataclass
+class Deployed:
+    """Stage 5 output: Python source per tool (answering tools and distractors)."""
+
+    toolset: ToolSet
+    codes: dict[str, str]
+
+
+@dataclass
+class StageFailure:
+    """Why a seed task did not become an environment: the stage, a short reason key, and details."""
+
+    task_id: str
+    question: str
+    stage: str
+    reason: str
+    detail: str = ""
+    transient: bool = False  # an endpoint failure: not cached, retried by the next run
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def tool_name(tool: dict[str, Any]) -> str:
+    return str(tool["function"]["name"])
