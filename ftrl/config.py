@@ -51,6 +51,11 @@ class TinyModelConfig:
     vocab_size: int = 2048
     max_position_embeddings: int = 2048
     tie_word_embeddings: bool = True
+    # Synthetic in-context copying pretraining of the freshly initialised model (see
+    # ftrl.llm.tiny.pretrain_copying): the skill real LLMs bring from pretraining. 0 disables it.
+    copy_pretrain_steps: int = 400
+    copy_pretrain_batch_size: int = 32
+    copy_pretrain_lr: float = 2.0e-3
 
 
 @dataclass
@@ -242,6 +247,7 @@ class TrainConfig:
     epochs_per_round: int = 1
     prompts_per_step: int = 512
     n: int = 16
+    rollout_batch_size: int = 64  # sequences the native backend generates at once (memory bound)
     temperature: float = 0.7
     top_p: float = 1.0
     mini_batch_prompts: int = 32
@@ -507,6 +513,7 @@ class RunConfig:
                       ("kl", "k1", "abs", "mse", "k2", "low_var_kl", "k3"))
         _check_positive("train.rounds", self.train.rounds)
         _check_positive("train.n", self.train.n)
+        _check_positive("train.rollout_batch_size", self.train.rollout_batch_size)
         if self.algorithm.adv_estimator == "grpo" and self.train.n < 2:
             raise ConfigError("train.n: GRPO needs at least 2 samples per prompt for a group baseline")
         if self.train.name == "tiny" and self.model.name != "tiny":

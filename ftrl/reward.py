@@ -40,6 +40,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from ftrl.envs import sandbox
+from ftrl.envs.verify import _normalise, answer_verify, apply_tool_results  # noqa: F401 (re-exported)
 from ftrl.llm.parsers import check_compat, get_parser, has_tool_markup
 from ftrl.registry import PARSERS, REWARDS, UnknownNameError, unknown_choice_message
 from ftrl.types import Message, RewardResult, ToolCall, as_json_obj, count_answers
@@ -58,48 +59,6 @@ EMPTY_SCORE = -0.5
 MALFORMED_SCORE = -0.3
 ALREADY_SOLVED_SCORE = 0.5
 END_OF_TURN_TOKENS: tuple[str, ...] = ("<|endoftext|>", "<|im_end|>")
-
-
-def answer_verify(predict: Any, golden: str) -> bool:
-    """True if every ", "-separated part of ``golden`` occurs in ``predict`` (reference rules).
-
-    Dict/list predicts are JSON-dumped (``ensure_ascii=False``), anything else non-string goes
-    through ``str()``. Both sides are lower-cased and lose their commas, so "1,234" matches "1234".
-    An empty golden part matches everything.
-    """
-    if not isinstance(golden, str):
-        raise TypeError(f"golden answer must be a string, got {type(golden).__name__}: {golden!r}")
-    # Exact type check as the reference: dict/list subclasses go through str().
-    if type(predict) in (dict, list):
-        predict = json.dumps(predict, ensure_ascii=False)
-    elif type(predict) is not str:
-        predict = str(predict)
-    normalised = _normalise(predict)
-    return all(_normalise(part) in normalised for part in golden.split(", "))
-
-
-def _normalise(text: str) -> str:
-    return text.lower().replace(",", "").strip()
-
-
-def apply_tool_results(
-    tool_calls: Sequence[ToolCall], outputs: Sequence[Any], unsolved_set: dict[str, list[str]]
-) -> int:
-    """Consume, per (call, output) pair, the first sub-answer of that tool the output verifies.
-
-    Mutates ``unsolved_set`` (each expected answer is solved once) and returns how many were
-    solved. A call whose name is not a string (possible under compat=ftrl) solves nothing.
-    """
-    solved = 0
-    for call, output in zip(tool_calls, outputs):
-        name = call.get("function", {}).get("name")
-        answers = unsolved_set.get(name, []) if isinstance(name, str) else []
-        for index, expected in enumerate(answers):
-            if answer_verify(output, expected):
-                del answers[index]
-                solved += 1
-                break
-    return solved
 
 
 def strip_end_of_turn(response: str, compat: str = "ftrl") -> str:
@@ -271,52 +230,20 @@ def score_response(
 # --------------------------------------------------------------------------- named rewards
 
 
-def solve_f1(
-    response: str,
-    sample: Mapping[str, Any],
-    *,
-    compat: str = "ftrl",
-    parser: str = "qwen",
-    timeout: float = 10.0,
-) -> float:
-    """The paper's reward: 2q/(p+1) for a turn with calls."""
-    return score_response(response, sample, "solve_f1", compat, timeout, parser).score
+def _named_reward(variant: str, doc: str) -> Callable[..., float]:
+    def reward(response: str, sample: Mapping[str, Any], *, compat: str = "ftrl", parser: str = "qwen",
+               timeout: float = 10.0) -> float:
+        return score_response(response, sample, variant, compat, timeout, parser).score
+
+    reward.__name__ = reward.__qualname__ = variant
+    reward.__doc__ = doc
+    return reward
 
 
-def solve_precision(
-    response: str,
-    sample: Mapping[str, Any],
-    *,
-    compat: str = "ftrl",
-    parser: str = "qwen",
-    timeout: float = 10.0,
-) -> float:
-    """q/p for a turn with calls."""
-    return score_response(response, sample, "solve_precision", compat, timeout, parser).score
-
-
-def solve_rate(
-    response: str,
-    sample: Mapping[str, Any],
-    *,
-    compat: str = "ftrl",
-    parser: str = "qwen",
-    timeout: float = 10.0,
-) -> float:
-    """q for a turn with calls."""
-    return score_response(response, sample, "solve_rate", compat, timeout, parser).score
-
-
-def solve_pr(
-    response: str,
-    sample: Mapping[str, Any],
-    *,
-    compat: str = "ftrl",
-    parser: str = "qwen",
-    timeout: float = 10.0,
-) -> float:
-    """q*q/p for a turn with calls (precision times count)."""
-    return score_response(response, sample, "solve_pr", compat, timeout, parser).score
+solve_f1 = _named_reward("solve_f1", "The paper's reward: 2q/(p+1) for a turn with calls.")
+solve_precision = _named_reward("solve_precision", "q/p for a turn with calls.")
+solve_rate = _named_reward("solve_rate", "q for a turn with calls.")
+solve_pr = _named_reward("solve_pr", "q*q/p for a turn with calls (precision times count).")
 
 
 def get_reward(

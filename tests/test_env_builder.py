@@ -233,7 +233,6 @@ def test_procedural_and_llm_records_run_unchanged_through_collector_evaluator_an
 ) -> None:
     """One format: both builders' records go through collection, evaluation and warm start (API policy)."""
     from ftrl.collect import collect_snapshots
-    from ftrl.envs.sandbox import get_sandbox
     from ftrl.eval.own_test import evaluate_own_test
     from ftrl.llm.engines.base import SamplingParams
     from ftrl.llm.engines.openai import OpenAIEngine
@@ -250,8 +249,7 @@ def test_procedural_and_llm_records_run_unchanged_through_collector_evaluator_an
         type(v) for r in llm["train"] for v in r.values()
     }
 
-    def execute(jobs):
-        return get_sandbox().map_calls(jobs, 10.0)
+    execute = StatefulExecutor(timeout=10.0)  # the executor collection, eval and the warm start use
 
     params = SamplingParams(temperature=0.0, max_new_tokens=64)
     with BuilderServer() as server:

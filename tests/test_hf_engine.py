@@ -26,6 +26,7 @@ SMALL = TinyModelConfig(
     intermediate_size=128,
     vocab_size=600,
     max_position_embeddings=512,
+    copy_pretrain_steps=0,
 )
 TOOL = {
     "type": "function",

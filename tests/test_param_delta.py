@@ -319,7 +319,6 @@ def test_analyze_run_compares_rl_start_to_each_round(tmp_path):
     assert top_csv.splitlines()[1:] == [
         "model.embed_tokens.weight,,embed,4,0", "model.layers.0.mlp.up_proj.weight,0,up_proj,4,0.5",
         "model.layers.1.self_attn.q_proj.weight,1,q_proj,4,0.5"]
-    assert (analysis / "reward_curve.png").read_bytes().startswith(PNG_MAGIC)
     assert (analysis / HEATMAP_PNG).stat().st_size > 0
 
 

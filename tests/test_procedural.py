@@ -312,3 +312,27 @@ def test_cli_writes_both_splits_and_prints_counts(tmp_path: Path, capsys) -> Non
     assert "wrote 4 train environments" in printed and "wrote 4 test environments" in printed
     assert "train Parallel Multi-Hop   1" in printed and '"gold_calls": [' in printed
     assert [len(read_records(tmp_path / f"{s}.jsonl")) for s in ("train", "test")] == [4, 4]
+
+
+def test_value_pools_bound_every_value_and_keep_values_apart() -> None:
+    from ftrl.envs.procedural import NUMBER_POOL_FACTOR, value_pools
+
+    pools = value_pools(16, seed=5)
+    assert pools == value_pools(16, seed=5) and pools != value_pools(16, seed=6)
+    assert len(pools["product_id"]) == 16 and len(pools["number"]) == 16 * NUMBER_POOL_FACTOR
+    texts = [str(v).lower() for values in pools.values() for v in values]
+    assert len(texts) == len(set(texts))
+    assert not [(a, b) for a in texts for b in texts if a != b and a in b]  # no value inside another
+
+    build = generate_envs(ProceduralConfig(**{**SMALL, "id_pool_size": 16}), seed=5)
+    allowed = {str(v) for values in pools.values() for v in values}
+    for record in all_records(build):
+        for turn in json.loads(record["gold_calls"]):
+            for call in turn:
+                assert {str(v) for v in call["arguments"].values()} <= allowed
+        assert set(record["answer"].split(", ")) <= allowed
+
+
+def test_pool_size_is_validated() -> None:
+    with pytest.raises(ConfigError, match="envs.procedural.id_pool_size"):
+        generate_envs(ProceduralConfig(**{**SMALL, "id_pool_size": 3}), seed=0)

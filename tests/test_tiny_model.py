@@ -17,8 +17,11 @@ from ftrl.llm.chat_template import TOOL_TAGS, render_chat
 from ftrl.llm.models import count_parameters, load_model_and_tokenizer, resolve_device, resolve_dtype
 from ftrl.llm.tiny import (
     build_tiny_model,
+    atomic_words_from_records,
     build_tokenizer,
+    build_tiny_model,
     builtin_corpus,
+    pretrain_copying,
     corpus_from_records,
     create_tiny_base,
     main,
@@ -34,6 +37,7 @@ SMALL = TinyModelConfig(
     intermediate_size=128,
     vocab_size=600,
     max_position_embeddings=512,
+    copy_pretrain_steps=0,
 )
 
 WEATHER_TOOL = {
@@ -373,3 +377,46 @@ def test_cli_builds_and_prints(tmp_path, capsys):
     assert "parameters: 112,512 (trainable 112,512); vocab 600" in printed
     assert "'<tool_call>'" in printed
     assert Path(tmp_path / "cli" / "model.safetensors").is_file()
+
+
+# ----------------------------------------------------------------------------------------- atomic words
+ATOMIC_RECORD = {
+    "messages": [{"role": "user", "content": "Which warehouse stores product P73?"}],
+    "tools": json.dumps([{"type": "function", "function": {
+        "name": "get_product_warehouse", "description": "Warehouse of a product.",
+        "parameters": {"type": "object", "properties": {"product_id": {"type": "string"}}}}}]),
+    "codes": json.dumps({"get_product_warehouse": "def get_product_warehouse(product_id):\n    return 'W12'\n"}),
+    "unsolved_set": json.dumps({"get_product_warehouse": ["W12"]}),
+    "answer": "W12",
+    "gold_calls": json.dumps([[{"name": "get_product_warehouse", "arguments": {"product_id": "P73"}}]]),
+}
+
+
+def test_atomic_words_are_names_ids_and_answers():
+    words = atomic_words_from_records([ATOMIC_RECORD, {**ATOMIC_RECORD, "answer": "a sentence, W12"}])
+    assert words == ["P73", "W12", "get_product_warehouse", "product_id"]  # sorted; "a sentence" is no word
+
+
+def test_atomic_words_are_single_tokens_in_every_context():
+    tokenizer = build_tokenizer(builtin_corpus(), vocab_size=700, atomic_words=["P73", "get_product_warehouse"])
+    contexts = ["Which warehouse stores product P73?", '{"product_id": "P73"}', "P73,P73.",
+                '{"name": "get_product_warehouse", "arguments": {}}']
+    p73 = tokenizer.convert_tokens_to_ids("P73")
+    for text in contexts:
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        assert tokenizer.decode(ids) == text
+    assert tokenizer(contexts[0], add_special_tokens=False)["input_ids"].count(p73) == 1
+    assert tokenizer(contexts[2], add_special_tokens=False)["input_ids"].count(p73) == 2
+    assert len(tokenizer) <= 700
+
+
+def test_copy_pretraining_teaches_copying_and_is_seeded():
+    words = [f"Q{n}" for n in range(10, 30)]
+    tokenizer = build_tokenizer(builtin_corpus(), vocab_size=600, atomic_words=words)
+    losses = []
+    for _ in range(2):
+        model = build_tiny_model(SMALL, tokenizer, seed=0)
+        losses.append(pretrain_copying(model, tokenizer, steps=120, seed=0, batch_size=16, lr=3e-3))
+    assert losses[0] == losses[1]
+    first, last = sum(losses[0][:10]) / 10, sum(losses[0][-10:]) / 10
+    assert last < 0.5 * first, (first, last)

@@ -268,17 +268,15 @@ def test_golden_override_list_qwen3_8b_grpo() -> None:
     assert text == GOLDEN.read_text(encoding="utf-8"), "override list changed; FTRL_UPDATE_GOLDEN=1 rewrites it"
 
 
-def test_wandb_settings_reach_verls_tracker(verl_base: Any) -> None:
-    from ftrl.tracking import config_tags
-
+def test_verl_logs_to_file_and_our_tracker_owns_wandb(verl_base: Any) -> None:
     run_config = compose_run(["model=qwen3_8b", "backend=verl", "logger=wandb", "logger.wandb.group=ablation",
                               "name=q8", *GPUS])
     config = apply_overrides(verl_base, vb.verl_overrides(run_config, "/runs/w", 3))
-    assert list(config.trainer.logger) == ["console", "file", "wandb"]
+    # one W&B run per job: verl writes its metrics file, the job's tracker replays it after the round
+    assert list(config.trainer.logger) == ["console", "file"]
     assert (config.trainer.project_name, config.trainer.experiment_name) == ("ftrl", "q8-r3")
     env_vars = config.ray_kwargs.ray_init.runtime_env.env_vars  # verl's tracker runs in a Ray actor
-    assert (env_vars.WANDB_MODE, env_vars.WANDB_RUN_GROUP, env_vars.WANDB_JOB_TYPE) == ("offline", "ablation", "train_r3")
-    assert env_vars.WANDB_TAGS == ",".join(config_tags(run_config)) and env_vars.WANDB_DIR == "/runs/w"
+    assert "WANDB_MODE" not in env_vars
     assert env_vars.VERL_FILE_LOGGER_PATH == "/runs/w/rounds/r3/train/verl_metrics.jsonl"
 
 

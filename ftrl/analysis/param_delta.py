@@ -54,7 +54,6 @@ PARAM_DELTA_CSV = "param_delta.csv"
 HEATMAP_PNG = "param_delta_heatmap.png"
 SUMMARY_TXT = "summary.txt"
 SUMMARY_JSON = "summary.json"
-REWARD_CURVE_PNG = "reward_curve.png"
 CSV_COLUMNS: tuple[str, ...] = ("name", "layer", "module", "numel", "rel_change")
 
 # Values per row block (32 MB in float64): a comparison holds about four such blocks at a time.
@@ -544,36 +543,6 @@ def _analysis_paths(cfg: Any) -> tuple[str | None, str | None]:
     return getattr(section, "base", None), getattr(section, "target", None)
 
 
-def _read_history(path: Path) -> list[dict[str, Any]]:
-    rows = []
-    with open(path, encoding="utf-8") as handle:
-        for line in handle:
-            if line.strip():
-                rows.append(json.loads(line))
-    return rows
-
-
-def round_histories(ctx: RunContext) -> list[dict[str, Any]]:
-    """Training history rows of every round, tagged with ``round``; steps made global if they restart."""
-    combined: list[dict[str, Any]] = []
-    k = 1
-    while ctx.run_dir.round_dir(k).exists():
-        path = ctx.run_dir.train_dir(k) / "history.jsonl"
-        rows = _read_history(path) if path.is_file() else []
-        offset = 0
-        restarts = (rows and combined and all("step" in r for r in rows) and "step" in combined[-1]
-                    and rows[0]["step"] <= combined[-1]["step"])
-        if restarts:
-            offset = combined[-1]["step"] + 1 - rows[0]["step"]
-        for row in rows:
-            row = {**row, "round": row.get("round", k)}
-            if offset and "step" in row:
-                row["step"] = row["step"] + offset
-            combined.append(row)
-        k += 1
-    return combined
-
-
 def analyze_run(ctx: RunContext) -> dict[str, Any]:
     """The ``analyze`` stage: parameter change from the RL start to each round's checkpoint.
 
@@ -581,8 +550,8 @@ def analyze_run(ctx: RunContext) -> dict[str, Any]:
     ``analysis/``. Otherwise the RL start is the warm-start checkpoint if there is one, else the base:
     ``analysis/`` holds start -> last round, ``analysis/<start>_to_round<k>/`` each round, and
     ``analysis/base_to_round<k>/`` the whole change when a warm start exists. A run with a warm start
-    but no round compares base -> warmup. Training histories, when present, give
-    ``analysis/reward_curve.png``.
+    but no round compares base -> warmup. (The training stage draws the reward curve,
+    ``train_reward_curve.png``.)
     """
     out_dir = ctx.run_dir.analysis_dir
     base, target = _analysis_paths(ctx.cfg)
@@ -615,11 +584,6 @@ def analyze_run(ctx: RunContext) -> dict[str, Any]:
         # The headline comparison is also at the top of analysis/, where the report looks first.
         (out_dir / file_name).write_bytes((out_dir / main_pair / file_name).read_bytes())
 
-    history = round_histories(ctx)
-    if any("reward/score" in row for row in history):
-        from ftrl.analysis.plots import plot_reward_curve
-
-        plot_reward_curve(history, out_dir / REWARD_CURVE_PNG)
     summary = _headline(main_pair, results[main_pair])
     summary["comparisons"] = sorted(results)
     return summary

@@ -19,6 +19,10 @@ parameter expansion (a required ``fmt`` and an optional ``verbose``), parameter-
 (ids as number or string, or a list of ids) and distractor tools (plausible getters that answer
 nothing asked).
 
+With ``id_pool_size`` set, every id, code and number comes from a fixed pool per kind shared by all
+environments of a build (a small world vocabulary; each environment still wires the values into
+fresh tables, so nothing can be answered from memory).
+
 Before an environment is kept, a *gate* runs it through the sandbox: its gold calls must solve
 every sub-question under the reward's rules and reach the final answer, one deliberately invalid
 call per tool must come back as an error, and distractors must not return a sub-answer.
@@ -49,7 +53,7 @@ from typing import Any
 from ftrl.config import ConfigError, ProceduralConfig
 from ftrl.envs import sandbox
 from ftrl.registry import unknown_choice_message
-from ftrl.reward import answer_verify, apply_tool_results
+from ftrl.envs.verify import answer_verify, apply_tool_results
 from ftrl.types import SCENARIOS, SPLITS, count_answers
 
 log = logging.getLogger(__name__)
@@ -195,6 +199,14 @@ def _chain_paths(length: int) -> tuple[tuple[tuple[str, Field], ...], ...]:
 MAX_CHAIN = max(n for n in range(1, 10) if _chain_paths(n))
 
 
+NUMBER_POOL_FACTOR = 4
+POOL_EXHAUSTED = "value_pool_exhausted"
+
+
+class PoolExhausted(RuntimeError):
+    """An environment needs more distinct values of a kind than its pool (or the value space) holds."""
+
+
 def _check_pool_size(size: int | None) -> int | None:
     if size is not None and size < 8:
         raise ConfigError(f"envs.procedural.id_pool_size: must be null or >= 8, got {size}")
@@ -202,7 +214,7 @@ def _check_pool_size(size: int | None) -> int | None:
 
 
 def value_pools(size: int, seed: int) -> dict[str, list[Any]]:
-    """A fixed set of at most ``size`` values per kind, shared by every environment of a build.
+    """A fixed set of at most ``size`` values per kind (numbers: 4x), shared by every environment of a build.
 
     With pools, train and test draw ids and answers from the same small world vocabulary (each
     environment still wires them into fresh tables), so a tokenizer fitted to the train split covers
@@ -213,9 +225,11 @@ def value_pools(size: int, seed: int) -> dict[str, list[Any]]:
     pools: dict[str, list[Any]] = {}
     texts: list[str] = []
     for kind in sorted(_VALUE_DRAWS):
+        # Every table row holds a number, so an environment needs several times more of them.
+        wanted = size * NUMBER_POOL_FACTOR if kind == "number" else size
         values: list[Any] = []
-        for _ in range(200 * size):
-            if len(values) == size:
+        for _ in range(200 * wanted):
+            if len(values) == wanted:
                 break
             value = _VALUE_DRAWS[kind](rng)
             text = str(value).lower()
@@ -248,7 +262,7 @@ class _World:
                 continue
             self._texts.append(text)
             return value
-        raise RuntimeError(f"could not draw a distinct '{kind}' value in 1000 tries")
+        raise PoolExhausted(f"could not draw a distinct '{kind}' value in 1000 tries")
 
     def add_row(self, entity_name: str, row_id: Any = None) -> Any:
         entity = ENTITIES[entity_name]
@@ -755,9 +769,13 @@ def generate_envs(cfg: ProceduralConfig, seed: int) -> ProceduralBuild:
                         raise RuntimeError(f"procedural generator: only {len(accepted)} of {need} {split} "
                                            f"'{scenario}' environments after {drawn} candidates; "
                                            f"rejections {dict(rejected)}")
-                    candidate = sample_candidate(scenario, settings, rng, pools)
                     drawn += 1
                     report.candidates += 1
+                    try:
+                        candidate = sample_candidate(scenario, settings, rng, pools)
+                    except PoolExhausted:
+                        rejected[POOL_EXHAUSTED] += 1
+                        continue
                     if candidate.question in seen_questions or candidate.question in pending:
                         rejected[DUPLICATE_QUESTION] += 1
                     elif split == "test" and candidate.id_combination in train_ids:

@@ -300,7 +300,7 @@ def format_env(
     call's output is shown with the sub-answer it solves.
     """
     from ftrl.envs.taubench import TurnContext
-    from ftrl.reward import apply_tool_results
+    from ftrl.envs.verify import apply_tool_results
 
     sample = Sample.from_record(record)
     lines = [f"scenario: {sample.data_source}   split: {sample.split}"]

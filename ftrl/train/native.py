@@ -128,7 +128,7 @@ class NativeTrainer:
                                                     cfg.algorithm.critic.lr, train.weight_decay)
 
         self.engine = HFEngine(self.model, self.tokenizer, enable_thinking=cfg.mode.enable_thinking,
-                               batch_size=max(1, train.prompts_per_step * train.n), device=self.device)
+                               batch_size=train.rollout_batch_size, device=self.device)
         self.snapshots = self._fit_prompts(snapshots)
         self.steps_per_epoch = math.ceil(len(self.snapshots) / train.prompts_per_step) if self.snapshots else 0
         self.total_steps = self.steps_per_epoch * train.epochs_per_round
@@ -187,6 +187,7 @@ class NativeTrainer:
         generations = self.engine.generate(requests, params)
         gen_seconds = time.time() - started
 
+        started = time.time()
         prompt_ids, response_ids, texts, scores, parts = [], [], [], [], defaultdict(list)
         group_index = []
         for prompt_no, (record, outputs) in enumerate(zip(prompts, generations)):
@@ -218,6 +219,7 @@ class NativeTrainer:
             "rollout/tool_calls_per_turn": metrics.get("reward/calls", 0.0),
             "perf/gen_tokens_per_s": generated / max(gen_seconds, 1e-9),
             "perf/gen_s": gen_seconds,
+            "perf/reward_s": time.time() - started,
         })
         return RolloutResult(batch=batch, scores=score_tensor, group_index=np.array(group_index),
                              metrics=metrics, texts=texts)
@@ -248,13 +250,16 @@ class NativeTrainer:
         batch = rollout.batch
         mask = batch.response_mask
         token_rewards = outcome_rewards(rollout.scores, mask)
-        old_log_prob = self._forward_all(self.model, batch)
+        mini_size = max(1, train.mini_batch_prompts * train.n)
+        # One update over one mini-batch is exactly on-policy: the "old" log-probs equal the current
+        # ones (ratio 1), so they are taken (detached) from the training forward instead of an extra pass.
+        on_policy = train.ppo_epochs == 1 and mini_size >= batch.size
+        old_log_prob = None if on_policy else self._forward_all(self.model, batch)
         ref_log_prob = self._forward_all(self.ref_model, batch) if self.ref_model is not None else None
         values = self._values_all(batch) if self.critic is not None else None
         advantages, returns = compute_advantages(cfg.algorithm, token_rewards, mask, rollout.group_index, values)
 
         metrics: dict[str, list[float]] = defaultdict(list)
-        mini_size = max(1, train.mini_batch_prompts * train.n)
         update_actor = self.critic is None or self.step >= cfg.algorithm.critic.warmup_steps
         self.model.train()
         for _ in range(train.ppo_epochs):
@@ -270,8 +275,9 @@ class NativeTrainer:
                     micro = batch.select(rows).to(self.device)
                     log_prob, entropy = response_logprobs(self.model, micro, with_entropy=True)
                     width = log_prob.shape[1]
+                    old = log_prob.detach() if old_log_prob is None else old_log_prob[rows, :width].to(self.device)
                     terms = actor_loss(
-                        self.actor_config, log_prob, old_log_prob[rows, :width].to(self.device),
+                        self.actor_config, log_prob, old,
                         advantages[rows, :width].to(self.device), micro.response_mask[:, :width], entropy,
                         ref_log_prob[rows, :width].to(self.device) if ref_log_prob is not None else None,
                         global_batch_size=len(mini), batch_num_tokens=max(mini_tokens, 1))
@@ -344,7 +350,9 @@ class NativeTrainer:
             log.warning("step %d: no sampled turn made a tool call (policy collapsing to plain answers?)",
                         self.step)
         metrics = dict(rollout.metrics)
+        update_started = time.time()
         metrics.update(self.update(rollout))
+        metrics["perf/update_s"] = time.time() - update_started
         elapsed = time.time() - started
         metrics["perf/step_s"] = elapsed
         metrics["perf/tokens_per_s"] = float(rollout.batch.attention_mask.sum()) / max(elapsed, 1e-9)

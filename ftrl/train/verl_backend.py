@@ -58,6 +58,7 @@ from typing import Any
 
 from ftrl.artifacts import RunDir, write_json
 from ftrl.config import RunConfig
+from ftrl.tracking import verl_metrics_to_ftrl
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +74,6 @@ WORKER_HOOK_MODULE = "ftrl.train.verl_worker"
 FREEZE_FILE_ENV = "FTRL_VERL_FREEZE_FILE"
 ADV_ESTIMATORS: dict[str, str] = {"grpo": "grpo", "reinforce_pp": "reinforce_plus_plus", "ppo": "gae"}
 # The reward metric the native trainer logs as reward/score is verl's critic/score/mean.
-METRIC_ALIASES: dict[str, str] = {"critic/score/mean": "reward/score"}
 _SNAPSHOT_JSON_FIELDS: tuple[str, ...] = ("tools", "codes", "unsolved_set")
 
 
@@ -324,28 +324,12 @@ class _OverrideList:
         self.items.append(f"+{key}={hydra_value(value)}")
 
 
-def wandb_env(cfg: RunConfig, root: RunDir, k: int) -> dict[str, str]:
-    """W&B settings verl's tracker picks up from the environment (verl passes only project/name)."""
-    if cfg.logger.name != "wandb":
-        return {}
-    settings = cfg.logger.wandb
-    env = {"WANDB_MODE": settings.mode, "WANDB_RUN_GROUP": settings.group or cfg.name,
-           "WANDB_JOB_TYPE": f"train_r{k}", "WANDB_DIR": os.path.abspath(root.root)}
-    if settings.entity:
-        env["WANDB_ENTITY"] = settings.entity
-    from ftrl.tracking import config_tags
-
-    env["WANDB_TAGS"] = ",".join(config_tags(cfg) + list(settings.tags))
-    return env
-
-
 def worker_env(cfg: RunConfig, root: RunDir, k: int) -> dict[str, str]:
     """Environment every Ray worker of the job needs (passed through verl's ray runtime_env)."""
     files = VerlRoundFiles.of(root, k)
     env = {"VERL_FILE_LOGGER_PATH": str(files.metrics)}
     if cfg.freeze.name != "none":
         env[FREEZE_FILE_ENV] = str(files.freeze_policy)
-    env.update(wandb_env(cfg, root, k))
     env.update({str(key): str(value) for key, value in cfg.backend.verl.env.items()})
     return env
 
@@ -508,7 +492,10 @@ def verl_overrides(cfg: RunConfig, run_dir: RunDir | str | os.PathLike, k: int, 
     o.set("trainer.max_critic_ckpt_to_keep", verl.keep_checkpoints)
     o.set("trainer.project_name", cfg.logger.wandb.project)
     o.set("trainer.experiment_name", f"{cfg.name}-r{k}")
-    o.set("trainer.logger", ["console", "file"] + (["wandb"] if cfg.logger.name == "wandb" else []))
+    # verl logs to its console and a metrics file only; after the round our tracker replays those
+    # metrics under the shared names into the job's one W&B run (verl's own W&B logger would open
+    # a second run per round).
+    o.set("trainer.logger", ["console", "file"])
     for name, value in worker_env(cfg, root, k).items():
         o.add(f"ray_kwargs.ray_init.runtime_env.env_vars.{name}", value)
 
@@ -679,10 +666,7 @@ def history_rows(metrics_path: Path, k: int, step_offset: int) -> list[dict[str,
         if not line.strip():
             continue
         entry = json.loads(line)
-        data = {key: value for key, value in entry.get("data", {}).items() if isinstance(value, (int, float))}
-        for source, alias in METRIC_ALIASES.items():
-            if source in data:
-                data[alias] = data[source]
+        data = verl_metrics_to_ftrl(entry.get("data", {}))
         step = int(entry["step"])
         rows.append({"round": k, "step": step, "global_step": step_offset + step, **data})
     return rows
@@ -693,12 +677,6 @@ def _load_tokenizer(policy: str, trust_remote_code: bool) -> Any:
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(policy, trust_remote_code=trust_remote_code)
-
-
-def _read_history(path: Path) -> list[dict[str, Any]]:
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 def prepare_round(ctx: Any, k: int) -> dict[str, Any]:
@@ -786,7 +764,9 @@ def train_round(ctx: Any, k: int) -> dict[str, Any]:
                                   files.merge_log, plan["env"], cfg.model.trust_remote_code)
     info["checkpoint"] = str(checkpoint)
 
-    offset = sum(len(_read_history(VerlRoundFiles.of(rd, j).history)) for j in range(1, k))
+    from ftrl.train.native import read_history
+
+    offset = sum(len(read_history(VerlRoundFiles.of(rd, j).history)) for j in range(1, k))
     history = history_rows(files.metrics, k, offset)
     files.history.write_text("".join(json.dumps(row) + "\n" for row in history), encoding="utf-8")
     if ctx.tracker is not None:

@@ -63,7 +63,7 @@ from ftrl.envs.build.schema import (
     validate,
 )
 from ftrl.llm.engines.openai import MissingAPIKeyError
-from ftrl.reward import answer_verify
+from ftrl.envs.verify import answer_verify
 from ftrl.types import SCENARIOS
 
 log = logging.getLogger(__name__)

@@ -80,3 +80,29 @@ class ChatEngine(abc.ABC):
     @abc.abstractmethod
     def render(self, request: ChatRequest) -> str:
         """The prompt text the model continues (chat template with the generation prompt)."""
+
+
+class TemplateEngine(ChatEngine):
+    """An engine over a local tokenizer: prompts are the chat template applied with each row's tools.
+
+    Subclasses set ``self.tokenizer`` and ``self.enable_thinking``.
+    """
+
+    tokenizer: Any
+    enable_thinking: bool
+
+    def render(self, request: ChatRequest) -> str:
+        return self.tokenizer.apply_chat_template(
+            request.messages,
+            tools=request.tools or None,
+            add_generation_prompt=True,
+            enable_thinking=self.enable_thinking,
+            tokenize=False,
+        )
+
+    def encode(self, requests: Sequence[ChatRequest]) -> list[list[int]]:
+        """Prompt token ids (the template already writes any special tokens it wants)."""
+        if not requests:
+            return []
+        texts = [self.render(request) for request in requests]
+        return [list(ids) for ids in self.tokenizer(texts, add_special_tokens=False)["input_ids"]]

@@ -26,7 +26,7 @@ import torch
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from ftrl.llm.chat_template import END_OF_TEXT, IM_END
-from ftrl.llm.engines.base import ChatEngine, ChatRequest, Generation, SamplingParams
+from ftrl.llm.engines.base import ChatRequest, Generation, SamplingParams, TemplateEngine
 from ftrl.llm.models import load_model_and_tokenizer, prepare_tokenizer_for_generation, resolve_device
 
 log = logging.getLogger(__name__)
@@ -45,7 +45,7 @@ _NEUTRAL_WARPERS: dict[str, object] = {
 }
 
 
-class HFEngine(ChatEngine):
+class HFEngine(TemplateEngine):
     """Generates assistant turns for many conversations with a transformers causal LM."""
 
     def __init__(
@@ -96,23 +96,6 @@ class HFEngine(ChatEngine):
             batch_size=batch_size,
             trust_remote_code=cfg.model.trust_remote_code,
         )
-
-    # ------------------------------------------------------------------------------ prompts
-    def render(self, request: ChatRequest) -> str:
-        return self.tokenizer.apply_chat_template(
-            request.messages,
-            tools=request.tools or None,
-            add_generation_prompt=True,
-            enable_thinking=self.enable_thinking,
-            tokenize=False,
-        )
-
-    def encode(self, requests: Sequence[ChatRequest]) -> list[list[int]]:
-        """Prompt token ids (the template already writes any special tokens it wants)."""
-        if not requests:
-            return []
-        texts = [self.render(request) for request in requests]
-        return [list(ids) for ids in self.tokenizer(texts, add_special_tokens=False)["input_ids"]]
 
     # ------------------------------------------------------------------------------ generation
     def generate(self, requests: Sequence[ChatRequest], params: SamplingParams) -> list[list[Generation]]:

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from ftrl.llm.chat_template import END_OF_TEXT, IM_END
-from ftrl.llm.engines.base import ChatEngine, ChatRequest, Generation, SamplingParams
+from ftrl.llm.engines.base import ChatRequest, Generation, SamplingParams, TemplateEngine
 
 log = logging.getLogger(__name__)
 
@@ -137,7 +137,7 @@ def context_length(max_prompt_tokens: int, max_new_tokens: int, model_path: str 
     return wanted
 
 
-class VLLMEngine(ChatEngine):
+class VLLMEngine(TemplateEngine):
     """Generates assistant turns for many conversations with an offline ``vllm.LLM``.
 
     ``llm`` is a ``vllm.LLM`` (or anything with the same ``generate(prompts, sampling_params,
@@ -208,23 +208,6 @@ class VLLMEngine(ChatEngine):
             seed=cfg.seed,
             trust_remote_code=cfg.model.trust_remote_code,
         )
-
-    # ------------------------------------------------------------------------------ prompts
-    def render(self, request: ChatRequest) -> str:
-        return self.tokenizer.apply_chat_template(
-            request.messages,
-            tools=request.tools or None,
-            add_generation_prompt=True,
-            enable_thinking=self.enable_thinking,
-            tokenize=False,
-        )
-
-    def encode(self, requests: Sequence[ChatRequest]) -> list[list[int]]:
-        """Prompt token ids (the template already writes any special tokens it wants)."""
-        if not requests:
-            return []
-        texts = [self.render(request) for request in requests]
-        return [list(ids) for ids in self.tokenizer(texts, add_special_tokens=False)["input_ids"]]
 
     # ------------------------------------------------------------------------------ generation
     def generate(self, requests: Sequence[ChatRequest], params: SamplingParams) -> list[list[Generation]]:
