@@ -130,8 +130,10 @@ def run_episodes(
                 episode.done = True
         if calling:
             # The turn context lets stateful environments (tau-bench) rebuild their state.
-            results = execute([(ep.sample.codes, ep.messages[-1]["tool_calls"], TurnContext(ep.record, ep.messages[:-1]))
-                               for ep in calling])
+            results = execute([
+                (ep.sample.codes, ep.messages[-1]["tool_calls"], TurnContext(ep.record, ep.messages[:-1]))
+                for ep in calling
+            ])
             for episode, outputs in zip(calling, results):
                 tool_calls = episode.messages[-1]["tool_calls"]
                 episode.messages.extend(

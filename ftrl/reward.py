@@ -34,7 +34,6 @@ be run counts as a failed call (p grows, q does not).
 from __future__ import annotations
 
 import functools
-import json
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any

@@ -16,7 +16,6 @@ from ftrl.config import TinyModelConfig
 from ftrl.llm.chat_template import TOOL_TAGS, render_chat
 from ftrl.llm.models import count_parameters, load_model_and_tokenizer, resolve_device, resolve_dtype
 from ftrl.llm.tiny import (
-    build_tiny_model,
     atomic_words_from_records,
     build_tokenizer,
     build_tiny_model,

@@ -346,7 +346,8 @@ def test_backend_verl_config_errors_name_the_key(overrides: list[str], message: 
 
 
 @pytest.mark.parametrize("value", ["/runs/a=b,c/x", "it's", "${oc.env:HOME}", "with space", "true", "1", "-3",
-                                   "C:\\dir\\", "a\\'b", "\\${x}", "[x]", "Qwen/Qwen3-8B", "pkg://ftrl.train.verl_reward", ""])
+                                   "C:\\dir\\", "a\\'b", "\\${x}", "[x]", "Qwen/Qwen3-8B",
+                                   "pkg://ftrl.train.verl_reward", ""])
 def test_hydra_values_parse_back_to_the_same_string(value: str) -> None:
     from hydra.core.override_parser.overrides_parser import OverridesParser
 

@@ -15,7 +15,8 @@ thoughts before parsing, gives every call a unique id, tolerates whitespace and 
 JSON of each call (the JSON itself must still be valid) and reports the thoughts separately under
 ``reasoning_content``.
 
-    python -c "from ftrl.llm.parsers import parse_qwen; print(parse_qwen('<tool_call>{\\"name\\": \\"f\\", \\"arguments\\": {}}</tool_call>'))"
+    python -c "from ftrl.llm.parsers import parse_qwen; \\
+        print(parse_qwen('<tool_call>{\\"name\\": \\"f\\", \\"arguments\\": {}}</tool_call>'))"
     python -m pytest tests/test_parsers.py -q
 """
 

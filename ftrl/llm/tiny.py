@@ -443,7 +443,9 @@ def pretrain_copying(model: Qwen3ForCausalLM, tokenizer: PreTrainedTokenizerFast
     return losses
 
 
-def _continuation_loss(model: Qwen3ForCausalLM, rows: Sequence[tuple[list[int], list[int]]], pad_id: int) -> torch.Tensor:
+def _continuation_loss(
+    model: Qwen3ForCausalLM, rows: Sequence[tuple[list[int], list[int]]], pad_id: int
+) -> torch.Tensor:
     """Mean cross-entropy of each row's continuation given its prefix (right-padded batch)."""
     width = max(len(prefix) + len(target) for prefix, target in rows)
     input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)

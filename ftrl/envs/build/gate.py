@@ -171,7 +171,7 @@ def reference_check(
 ) -> list[StageFailure | None]:
     """Play each record with ``engine`` (greedy); a record not fully solved within ``max_turns`` fails."""
     from ftrl.collect import Episode, run_episodes
-    from ftrl.envs.sandbox import get_sandbox
+    from ftrl.envs.taubench import StatefulExecutor
     from ftrl.llm.engines.base import SamplingParams
     from ftrl.llm.parsers import get_parser
 
@@ -182,7 +182,7 @@ def reference_check(
         params=SamplingParams(temperature=0.0, max_new_tokens=1024),
         max_turns=max_turns,
         parser=get_parser("qwen"),
-        execute=lambda jobs: get_sandbox().map_calls(jobs, timeout),
+        execute=StatefulExecutor(timeout=timeout),
         on_done=lambda episode: episodes.__setitem__(episode.index, episode),
         progress=False,
         desc="reference check",
