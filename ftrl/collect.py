@@ -296,9 +296,9 @@ def collect_snapshots(
                  on_done=on_done, batch_size=batch_size, snapshots=True, desc=desc)
     episodes = max(stats["episodes"], 1.0)
     return {
-        "episodes_run": stats["episodes"],
-        "episodes_resumed": float(len(envs) - len(todo)),
-        "snapshots_written": stats["snapshots"],
+        "episodes_run": int(stats["episodes"]),
+        "episodes_resumed": len(envs) - len(todo),
+        "snapshots_written": int(stats["snapshots"]),
         "mean_turns": stats["turns"] / episodes,
         "mean_calls": stats["calls"] / episodes,
         "mean_solve_rate": stats["solve_rate"] / episodes,

@@ -129,7 +129,9 @@ def collect(ctx: RunContext, k: int) -> dict[str, Any]:
         desc=f"collect r{k}",
     )
     write_parquet(ctx.run_dir.snapshots_parquet(k), read_records(ctx.run_dir.snapshots(k)))
-    log.info("collect round %d: %s", k, ", ".join(f"{key}={value:.3g}" for key, value in stats.items()))
+    log.info("collect round %d: %s", k, ", ".join(
+        f"{key}={value}" if isinstance(value, int) else f"{key}={value:.3g}" for key, value in stats.items()
+    ))
     if ctx.tracker is not None:
         ctx.tracker.log({f"collect/{key}": value for key, value in stats.items()})
     return stats

@@ -414,7 +414,7 @@ def train_round(ctx: Any, k: int) -> dict[str, Any]:
     trainer.state_path.unlink(missing_ok=True)  # the finished checkpoint supersedes the resume state
     plot_run_rewards(ctx)
     first, last = history[0], history[-1]
-    log.info("train round %d: %d steps, reward %.3f -> %.3f, trainable %s", k, len(history),
+    log.info("train round %d: %d steps, reward %.3f -> %.3f; %s", k, len(history),
              first["reward/score"], last["reward/score"], trainer.freeze_report.describe())
     return {"steps": len(history), "reward_first": first["reward/score"], "reward_last": last["reward/score"],
             "snapshots": len(trainer.snapshots)}
