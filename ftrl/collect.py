@@ -102,8 +102,8 @@ def run_episodes(
     (``Sandbox.map_calls`` bound to a timeout).
     """
     from ftrl.envs.taubench import TurnContext
+    from ftrl.envs.verify import apply_tool_results
     from ftrl.llm.engines.base import ChatRequest
-    from ftrl.reward import apply_tool_results
 
     pending = deque(records)
     active: list[Episode] = []

@@ -39,7 +39,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from ftrl.envs import sandbox
-from ftrl.envs.verify import _normalise, answer_verify, apply_tool_results  # noqa: F401 (re-exported)
+from ftrl.envs.verify import answer_verify, apply_tool_results, normalise_answer  # noqa: F401 (re-exported)
 from ftrl.llm.parsers import check_compat, get_parser, has_tool_markup
 from ftrl.registry import PARSERS, REWARDS, UnknownNameError, unknown_choice_message
 from ftrl.types import Message, RewardResult, ToolCall, as_json_obj, count_answers
@@ -219,7 +219,7 @@ def score_response(
     if has_tool_markup(content):
         return RewardResult(score=MALFORMED_SCORE, unsolved_before=unsolved_before, malformed=True)
     # The whole answer string must occur (it is not split on ", " here, unlike answer_verify).
-    if answer is not None and _normalise(answer) in _normalise(content):
+    if answer is not None and normalise_answer(answer) in normalise_answer(content):
         return RewardResult(score=1 / (1 + unsolved_before), unsolved_before=unsolved_before, answered=True)
     if solve_rate == 1.0:
         return RewardResult(score=ALREADY_SOLVED_SCORE, unsolved_before=unsolved_before)

@@ -17,13 +17,13 @@ from ftrl.llm.chat_template import TOOL_TAGS, render_chat
 from ftrl.llm.models import count_parameters, load_model_and_tokenizer, resolve_device, resolve_dtype
 from ftrl.llm.tiny import (
     atomic_words_from_records,
-    build_tokenizer,
     build_tiny_model,
+    build_tokenizer,
     builtin_corpus,
-    pretrain_copying,
     corpus_from_records,
     create_tiny_base,
     main,
+    pretrain_copying,
 )
 
 torch.set_num_threads(1)

@@ -52,8 +52,8 @@ from typing import Any
 
 from ftrl.config import ConfigError, ProceduralConfig
 from ftrl.envs import sandbox
-from ftrl.registry import unknown_choice_message
 from ftrl.envs.verify import answer_verify, apply_tool_results
+from ftrl.registry import unknown_choice_message
 from ftrl.types import SCENARIOS, SPLITS, count_answers
 
 log = logging.getLogger(__name__)

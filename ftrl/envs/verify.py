@@ -29,11 +29,12 @@ def answer_verify(predict: Any, golden: str) -> bool:
         predict = json.dumps(predict, ensure_ascii=False)
     elif type(predict) is not str:
         predict = str(predict)
-    normalised = _normalise(predict)
-    return all(_normalise(part) in normalised for part in golden.split(", "))
+    normalised = normalise_answer(predict)
+    return all(normalise_answer(part) in normalised for part in golden.split(", "))
 
 
-def _normalise(text: str) -> str:
+def normalise_answer(text: str) -> str:
+    """The reference's comparison form: lower-cased, commas dropped, outer whitespace stripped."""
     return text.lower().replace(",", "").strip()
 
 

@@ -32,9 +32,9 @@ import json
 import logging
 import os
 import random
-import time
 import re
 import shutil
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -411,7 +411,8 @@ def pretrain_copying(model: Qwen3ForCausalLM, tokenizer: PreTrainedTokenizerFast
     atomic = atomic_token_ids(tokenizer)
     if steps <= 0 or not atomic:
         return []
-    ordinary = [i for i in range(len(SPECIAL_TOKENS) + len(TOOL_TAGS), len(tokenizer)) if i not in set(atomic)]
+    atomic_set = set(atomic)
+    ordinary = [i for i in range(len(SPECIAL_TOKENS) + len(TOOL_TAGS), len(tokenizer)) if i not in atomic_set]
     separator = _special_id(tokenizer, IM_START)
     eos_id = _special_id(tokenizer, IM_END)
     pad_id = _special_id(tokenizer, END_OF_TEXT)

@@ -91,7 +91,7 @@ def response_logprobs(model: torch.nn.Module, batch: TokenBatch, with_entropy: b
     trimmed = trim(batch)
     response_len = trimmed.response_mask.shape[1]
     # Only the positions that predict response tokens need logits: the last response_len + 1
-    # positions, of which all but the final one are used. This halves a training step's cost.
+    # positions, of which all but the final one are used; the prompt's logits are never computed.
     output = model(input_ids=trimmed.input_ids, attention_mask=trimmed.attention_mask,
                    position_ids=trimmed.position_ids, use_cache=False, logits_to_keep=response_len + 1)
     prompt_len = trimmed.prompt_length

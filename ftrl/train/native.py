@@ -29,10 +29,8 @@ import torch
 from tqdm.auto import tqdm
 
 from ftrl.config import RunConfig
-from ftrl.train.algorithms import (actor_loss, compute_advantages, critic_loss, outcome_rewards,
-                                   verl_actor_config)
-from ftrl.train.batch import (TokenBatch, make_token_batch, micro_batches, pad_to, response_logprobs,
-                              value_predictions)
+from ftrl.train.algorithms import actor_loss, compute_advantages, critic_loss, outcome_rewards, verl_actor_config
+from ftrl.train.batch import TokenBatch, make_token_batch, micro_batches, pad_to, response_logprobs, value_predictions
 
 log = logging.getLogger(__name__)
 

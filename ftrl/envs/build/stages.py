@@ -62,8 +62,8 @@ from ftrl.envs.build.schema import (
     classify_structure,
     validate,
 )
-from ftrl.llm.engines.openai import MissingAPIKeyError
 from ftrl.envs.verify import answer_verify
+from ftrl.llm.engines.openai import MissingAPIKeyError
 from ftrl.types import SCENARIOS
 
 log = logging.getLogger(__name__)
