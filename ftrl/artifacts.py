@@ -9,63 +9,176 @@ re-run alone on an existing run directory::
       stages/<stage>.json           completion markers (a stage with a marker is skipped)
       envs/train.jsonl test.jsonl   environments (reference records) + envs/manifest.json
       model/base/                   the tiny model built for this run (config, weights, tokenizer)
-      warmup/checkpoint/            supervised warm start (tiny models)
-      rounds/r{k}/snapshots.jsonl   collected snapshots (+ .parquet) for round k
+      warmup/checkpoint/            supervised warm start (tiny models) + warmup/history.jsonl
+      rounds/r{k}/snapshots.jsonl   collected snapshots (+ .parquet, + .progress.jsonl) for round k
       rounds/r{k}/checkpoint/       HF safetensors checkpoint after round k
-      rounds/r{k}/train/            history.jsonl, trainer state for resume, reward curve
+      rounds/r{k}/train/            history.jsonl, trainer_state.pt (resume); verl_* files (verl backend)
       eval/<checkpoint>/<bench>.jsonl + metrics.json;  eval/metrics.json (all checkpoints)
-      analysis/                     param_delta.csv, heat-map, summary
+      analysis/                     param_delta.csv, heat-map, summary.txt/.json (+ <a>_to_<b>/ each)
+      train_reward_curve.png        reward over every finished round
       summary.json                  {"evals": [{"checkpoint", "metrics"}...]}
+
+Files are written atomically (:func:`atomic_write`, :func:`atomic_path`, :func:`atomic_dir`): a
+temporary sibling renamed into place, so a crash never leaves half a file or directory.
 
     python -c "from ftrl.artifacts import RunDir; print(RunDir('outputs/x').snapshots(1))"
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Iterable
+from typing import IO, Any
+
+# --- file names inside a run directory that RunDir's methods do not spell out alone
+HISTORY_JSONL = "history.jsonl"                # per-step training metrics (warmup/, rounds/r{k}/train/)
+TRAINER_STATE_PT = "trainer_state.pt"          # native trainer resume state (rounds/r{k}/train/)
+REWARD_CURVE_PNG = "train_reward_curve.png"    # reward over every finished round (run root)
+PROGRESS_SUFFIX = ".progress.jsonl"            # resumable-collection sidecar: snapshots.progress.jsonl
+# One parameter-change comparison (analysis/ and analysis/<first>_to_<second>/; any --out directory).
+PARAM_DELTA_CSV = "param_delta.csv"
+HEATMAP_PNG = "param_delta_heatmap.png"
+SUMMARY_TXT = "summary.txt"
+SUMMARY_JSON = "summary.json"
+# A verl round's files under rounds/r{k}/train/ (ftrl.train.verl_backend.VerlRoundFiles).
+VERL_TRAIN_PARQUET = "verl_train.parquet"
+VERL_AGENT_LOOP_YAML = "agent_loop.yaml"
+FREEZE_POLICY_JSON = "freeze_policy.json"
+FREEZE_REPORT_JSON = "freeze_report.json"      # written by the verl worker beside the policy file
+VERL_CHECKPOINTS_DIR = "verl_checkpoints"
+VERL_METRICS_JSONL = "verl_metrics.jsonl"
+VERL_COMMAND_SH = "verl_command.sh"
+VERL_LOG = "verl.log"
+VERL_MERGE_LOG = "merge.log"
+VERL_HYDRA_DIR = "verl_hydra"
+
+
+# ------------------------------------------------------------------------------- atomic writes
+def _temp_sibling(path: Path) -> Path:
+    """A hidden name beside ``path``, unique per process and thread: ``.{name}.{pid}.{thread}.tmp``."""
+    return path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+
+
+def _fsync_path(path: Path) -> None:
+    with open(path, "rb") as handle:
+        os.fsync(handle.fileno())
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike, *, fsync: bool = False) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; when the block ends normally it is renamed onto ``path``.
+
+    For writers that want a path, not a file object (``savefig``, ``pq.write_table``, ``torch.save``).
+    The parent directory is created. On an exception the temporary file is removed and ``path`` is left
+    as it was. The temporary name ends in ``.tmp``, so writers that infer a format from the suffix must
+    be told the format.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _temp_sibling(path)
+    try:
+        yield tmp
+        if fsync:
+            _fsync_path(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | os.PathLike, mode: str = "w", *, encoding: str | None = "utf-8",
+                 newline: str | None = None, fsync: bool = False) -> Iterator[IO[Any]]:
+    """Open a temporary file beside ``path`` for writing; rename it onto ``path`` when the block ends.
+
+    ``mode`` is ``"w"`` (text, ``encoding``/``newline`` as for :func:`open`) or ``"wb"``. With ``fsync``
+    the data reaches the disk before the rename. Readers never see half a file; on an exception the
+    old file (if any) is untouched and no temporary file is left.
+    """
+    if mode not in ("w", "wb"):
+        raise ValueError(f"atomic_write: mode must be 'w' or 'wb', not {mode!r}")
+    binary = mode == "wb"
+    with atomic_path(path) as tmp, open(tmp, mode, encoding=None if binary else encoding,
+                                        newline=None if binary else newline) as handle:
+        yield handle
+        if fsync:
+            handle.flush()
+            os.fsync(handle.fileno())
+
+
+def atomic_write_text(path: str | os.PathLike, text: str, *, encoding: str = "utf-8",
+                      fsync: bool = False) -> Path:
+    """Write ``text`` to ``path`` atomically (:func:`atomic_write`); returns the path."""
+    with atomic_write(path, "w", encoding=encoding, fsync=fsync) as handle:
+        handle.write(text)
+    return Path(path)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes, *, fsync: bool = False) -> Path:
+    """Write ``data`` to ``path`` atomically (:func:`atomic_write`); returns the path."""
+    with atomic_write(path, "wb", fsync=fsync) as handle:
+        handle.write(data)
+    return Path(path)
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike, *, if_exists: str = "replace") -> Iterator[Path]:
+    """Yield an empty staging directory beside ``path``; rename it onto ``path`` when the block ends.
+
+    A directory named ``path`` is therefore always complete. ``if_exists`` says what happens when
+    ``path`` exists at the rename: ``"replace"`` removes it first; ``"keep"`` keeps it (e.g. another
+    process stored the same content meanwhile) and discards the staged copy. On an exception, or when
+    kept, the staging directory is removed.
+    """
+    if if_exists not in ("replace", "keep"):
+        raise ValueError(f"atomic_dir: if_exists must be 'replace' or 'keep', not {if_exists!r}")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = _temp_sibling(path)
+    shutil.rmtree(staging, ignore_errors=True)  # left by an earlier, killed writer with this process id
+    staging.mkdir()
+    try:
+        yield staging
+        if if_exists == "replace" and path.exists():
+            shutil.rmtree(path)
+        try:
+            os.replace(staging, path)
+        except OSError:
+            if if_exists != "keep" or not path.is_dir():
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def write_json(path: Path, payload: Any) -> None:
     """Write JSON atomically (temp file + rename) so a crash never leaves half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, ensure_ascii=False, default=str) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(payload, indent=2, ensure_ascii=False, default=str) + "\n")
 
 
 def read_json(path: Path) -> Any:
     return json.loads(Path(path).read_text(encoding="utf-8"))
 
 
-def sha256_of_files(paths: Iterable[Path]) -> str:
-    digest = hashlib.sha256()
-    for path in paths:
-        digest.update(Path(path).name.encode())
-        with open(path, "rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(block)
-    return digest.hexdigest()
-
-
 def git_sha() -> str | None:
     try:
         root = Path(__file__).resolve().parent.parent
         out = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
-                             timeout=5)
+                             timeout=5, check=False)
         if out.returncode != 0:
             return None
         dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=5).stdout.strip()
+                               capture_output=True, text=True, timeout=5, check=False).stdout.strip()
         return out.stdout.strip() + ("-dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         return None
@@ -128,6 +241,10 @@ class RunDir:
     def warmup_dir(self) -> Path:
         return self.root / "warmup"
 
+    @property
+    def warmup_history(self) -> Path:
+        return self.warmup_dir / HISTORY_JSONL
+
     def round_dir(self, k: int) -> Path:
         return self.root / "rounds" / f"r{k}"
 
@@ -139,6 +256,16 @@ class RunDir:
 
     def train_dir(self, k: int) -> Path:
         return self.round_dir(k) / "train"
+
+    def train_history(self, k: int) -> Path:
+        return self.train_dir(k) / HISTORY_JSONL
+
+    def trainer_state(self, k: int) -> Path:
+        return self.train_dir(k) / TRAINER_STATE_PT
+
+    @property
+    def reward_curve(self) -> Path:
+        return self.root / REWARD_CURVE_PNG
 
     def checkpoint_dir(self, name: str) -> Path:
         """Where checkpoint ``name`` (warmup, round1, ...) is or will be written."""
@@ -167,15 +294,16 @@ class RunDir:
     def analysis_dir(self) -> Path:
         return self.root / "analysis"
 
+    def analysis_comparison_dir(self, first: str, second: str) -> Path:
+        """``analysis/<first>_to_<second>/``: one comparison's CSV, heat-map and summaries."""
+        return self.analysis_dir / f"{first}_to_{second}"
+
     # --- stage markers
     def is_done(self, stage: str) -> bool:
         return self.stage_marker(stage).exists()
 
     def mark_done(self, stage: str, **info: Any) -> None:
         write_json(self.stage_marker(stage), {"stage": stage, "finished_at": time.time(), **info})
-
-    def clear_marker(self, stage: str) -> None:
-        self.stage_marker(stage).unlink(missing_ok=True)
 
 
 def write_manifest(run_dir: RunDir, config: dict[str, Any], extra: dict[str, Any] | None = None) -> dict:
@@ -185,8 +313,9 @@ def write_manifest(run_dir: RunDir, config: dict[str, Any], extra: dict[str, Any
     if run_dir.manifest.exists():
         manifest = read_json(run_dir.manifest)
         previous = manifest.get("config_hash")
-        if previous and previous != config_hash:
-            changed = _diff(manifest.get("identity", {}), _identity(config))
+        # Compare through today's identity rules, so a manifest written under older rules still matches.
+        if previous and previous != config_hash and _identity(manifest.get("identity", {})) != _identity(config):
+            changed = _diff(_identity(manifest.get("identity", {})), _identity(config))
             raise RunDirConflict(
                 f"{run_dir.root} holds a run with a different configuration (changed: {', '.join(changed)}). "
                 "Re-run with the original settings to resume, or choose another directory with "
@@ -215,8 +344,19 @@ class RunDirConflict(RuntimeError):
 _VOLATILE_KEYS = {"stages", "dry_run", "run_dir", "logger", "resources", "eval"}
 
 
+# envs.name -> the one envs sub-section that source reads; the other sources' sections do not change a run.
+_ENV_SOURCE_SECTIONS = {"procedural": "procedural", "ftrl_files": "files", "llm": "llm", "taubench": "taubench"}
+
+
 def _identity(config: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in config.items() if k not in _VOLATILE_KEYS}
+    """The keys that make a run what it is: volatile keys and unused environment sources left out."""
+    identity = {k: v for k, v in config.items() if k not in _VOLATILE_KEYS}
+    envs = identity.get("envs")
+    if isinstance(envs, dict):
+        active = _ENV_SOURCE_SECTIONS.get(envs.get("name"))
+        identity["envs"] = {k: v for k, v in envs.items()
+                            if k not in _ENV_SOURCE_SECTIONS.values() or k == active}
+    return identity
 
 
 def _diff(old: Any, new: Any, prefix: str = "") -> list[str]:

@@ -21,12 +21,14 @@ import json
 import logging
 import os
 from collections import deque
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any
 
 from tqdm.auto import tqdm
 
+from ftrl.artifacts import PROGRESS_SUFFIX, atomic_write_text
 from ftrl.types import Sample, count_answers
 
 log = logging.getLogger(__name__)
@@ -51,7 +53,7 @@ class Episode:
     responses: list[str] = field(default_factory=list)
 
     @classmethod
-    def start(cls, index: int, record: Mapping[str, Any]) -> "Episode":
+    def start(cls, index: int, record: Mapping[str, Any]) -> Episode:
         sample = Sample.from_record(record)
         unsolved = copy.deepcopy(sample.unsolved_set)
         return cls(index=index, record=record, sample=sample, messages=copy.deepcopy(sample.messages),
@@ -82,6 +84,77 @@ class Episode:
                              self.turns).metrics()
 
 
+def _refill(pending: deque, active: list[Episode], batch_size: int, snapshots: bool) -> None:
+    """Start pending episodes until ``batch_size`` are in flight (the first snapshot is the record)."""
+    while pending and len(active) < batch_size:
+        index, record = pending.popleft()
+        episode = Episode.start(index, record)
+        if snapshots:
+            episode.snapshots.append(copy.deepcopy(dict(record)))
+        active.append(episode)
+
+
+def _policy_turn(engine: Any, active: list[Episode], params: Any, parser: Parser) -> list[Episode]:
+    """One generated turn for every active episode; returns those that called tools (others end)."""
+    from ftrl.llm.engines.base import ChatRequest
+
+    requests = [ChatRequest(messages=ep.messages, tools=ep.sample.tools) for ep in active]
+    generations = engine.generate(requests, params)
+    calling: list[Episode] = []
+    for episode, outputs in zip(active, generations):
+        generation = outputs[0]
+        message = getattr(generation, "message", None) or parser(generation.text)
+        episode.responses.append(generation.text)
+        episode.messages.append(message)
+        episode.turns += 1
+        if message.get("tool_calls"):
+            calling.append(episode)
+        else:
+            episode.done = True
+    return calling
+
+
+def _tool_turn(
+    calling: list[Episode],
+    execute: Callable[[list[tuple[Any, list[dict]]]], list[list[str]]],
+    max_turns: int,
+    snapshots: bool,
+) -> None:
+    """Run the calling episodes' tool calls in one batch, append the results, shrink the unsolved sets."""
+    from ftrl.envs.executor import TurnContext
+    from ftrl.envs.verify import apply_tool_results
+
+    # The turn context lets stateful environments (tau-bench) rebuild their state.
+    results = execute([
+        (ep.sample.codes, ep.messages[-1]["tool_calls"], TurnContext(ep.record, ep.messages[:-1]))
+        for ep in calling
+    ])
+    for episode, outputs in zip(calling, results):
+        tool_calls = episode.messages[-1]["tool_calls"]
+        episode.messages.extend(
+            {"role": "tool", "content": output, "tool_call_id": call["id"]}
+            for call, output in zip(tool_calls, outputs)
+        )
+        episode.calls += len(tool_calls)
+        apply_tool_results(tool_calls, outputs, episode.unsolved)
+        if snapshots:
+            episode.snapshots.append(episode.snapshot_record())
+        if episode.turns >= max_turns:
+            episode.done = True
+
+
+def _retire(active: list[Episode], on_done: Callable[[Episode], None], bar: Any) -> list[Episode]:
+    """Hand finished episodes to ``on_done`` (in batch order); the ones still in flight."""
+    still_active = []
+    for episode in active:
+        if episode.done:
+            on_done(episode)
+            bar.update(1)
+        else:
+            still_active.append(episode)
+    return still_active
+
+
 def run_episodes(
     engine: Any,
     records: Sequence[tuple[int, Mapping[str, Any]]],
@@ -101,59 +174,15 @@ def run_episodes(
     ``execute`` runs a batch of turns' tool calls: ``[(codes, tool_calls), ...] -> [[output, ...], ...]``
     (``Sandbox.map_calls`` bound to a timeout).
     """
-    from ftrl.envs.taubench import TurnContext
-    from ftrl.envs.verify import apply_tool_results
-    from ftrl.llm.engines.base import ChatRequest
-
     pending = deque(records)
     active: list[Episode] = []
     bar = tqdm(total=len(records), desc=desc, unit="ep", disable=not progress, dynamic_ncols=True)
     while pending or active:
-        while pending and len(active) < batch_size:
-            index, record = pending.popleft()
-            episode = Episode.start(index, record)
-            if snapshots:
-                episode.snapshots.append(copy.deepcopy(dict(record)))
-            active.append(episode)
-        requests = [ChatRequest(messages=ep.messages, tools=ep.sample.tools) for ep in active]
-        generations = engine.generate(requests, params)
-        calling: list[Episode] = []
-        for episode, outputs in zip(active, generations):
-            generation = outputs[0]
-            message = getattr(generation, "message", None) or parser(generation.text)
-            episode.responses.append(generation.text)
-            episode.messages.append(message)
-            episode.turns += 1
-            if message.get("tool_calls"):
-                calling.append(episode)
-            else:
-                episode.done = True
+        _refill(pending, active, batch_size, snapshots)
+        calling = _policy_turn(engine, active, params, parser)
         if calling:
-            # The turn context lets stateful environments (tau-bench) rebuild their state.
-            results = execute([
-                (ep.sample.codes, ep.messages[-1]["tool_calls"], TurnContext(ep.record, ep.messages[:-1]))
-                for ep in calling
-            ])
-            for episode, outputs in zip(calling, results):
-                tool_calls = episode.messages[-1]["tool_calls"]
-                episode.messages.extend(
-                    {"role": "tool", "content": output, "tool_call_id": call["id"]}
-                    for call, output in zip(tool_calls, outputs)
-                )
-                episode.calls += len(tool_calls)
-                apply_tool_results(tool_calls, outputs, episode.unsolved)
-                if snapshots:
-                    episode.snapshots.append(episode.snapshot_record())
-                if episode.turns >= max_turns:
-                    episode.done = True
-        still_active = []
-        for episode in active:
-            if episode.done:
-                on_done(episode)
-                bar.update(1)
-            else:
-                still_active.append(episode)
-        active = still_active
+            _tool_turn(calling, execute, max_turns, snapshots)
+        active = _retire(active, on_done, bar)
         bar.set_postfix(active=len(active), pending=len(pending))
     bar.close()
 
@@ -164,7 +193,7 @@ def executor_from_config(cfg: Any) -> Callable[[list[tuple[Any, ...]]], list[lis
     Stateless environments run their calls as they are; stateful ones (a record ``state`` field, e.g.
     tau-bench) replay the episode's earlier calls on a fresh copy of their initial state first.
     """
-    from ftrl.envs.taubench import executor_from_config as stateful_executor
+    from ftrl.envs.executor import executor_from_config as stateful_executor
 
     return stateful_executor(cfg)
 
@@ -191,7 +220,7 @@ class EpisodeLog:
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
-        self.progress_path = self.path.with_suffix(".progress.jsonl")
+        self.progress_path = self.path.with_suffix(PROGRESS_SUFFIX)
         self.done: dict[int, dict[str, Any]] = {}
         self._recover()
 
@@ -231,9 +260,7 @@ class EpisodeLog:
     def _rewrite(self, lines: list[str], entries: list[dict[str, Any]]) -> None:
         for target, content in ((self.path, "".join(lines)),
                                 (self.progress_path, "".join(json.dumps(e) + "\n" for e in entries))):
-            tmp = target.with_suffix(target.suffix + ".tmp")
-            tmp.write_text(content, encoding="utf-8")
-            os.replace(tmp, target)
+            atomic_write_text(target, content)
 
     def check_key(self, index: int, record: Mapping[str, Any]) -> bool:
         """True if episode ``index`` is done; raise if the done entry belongs to another question."""

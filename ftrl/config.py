@@ -10,33 +10,21 @@ cross-field rules with messages that name the key and the valid options.
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from pathlib import Path
+from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from ftrl.registry import unknown_choice_message
+from ftrl.errors import ConfigError, check_choice, check_positive
+from ftrl.params import check_selectors
 
 log = logging.getLogger(__name__)
 
 STAGES: tuple[str, ...] = ("build_envs", "collect", "train", "eval", "analyze")
-
-
-class ConfigError(ValueError):
-    """A configuration value is invalid; the message names the key and the valid options."""
-
-
-def _check_choice(key: str, value: Any, choices: tuple[Any, ...] | list[Any]) -> None:
-    if value not in choices:
-        raise ConfigError(f"{key}: {unknown_choice_message('value', value, [str(c) for c in choices])}")
-
-
-def _check_positive(key: str, value: float, allow_zero: bool = False) -> None:
-    if value is None or (value < 0 if allow_zero else value <= 0):
-        bound = ">= 0" if allow_zero else "> 0"
-        raise ConfigError(f"{key}: must be {bound}, got {value!r}")
 
 
 @dataclass
@@ -75,14 +63,14 @@ class ApiConfig:
 class ModelConfig:
     name: str = "tiny"
     # Local path or hub id; null for the tiny model, which is built in the run directory.
-    path: Optional[str] = None
+    path: str | None = None
     parser: str = "qwen"  # tool-call format family: qwen (Hermes <tool_call>) | llama31
     dtype: str = "float32"
     supports_thinking: bool = True
     engine: str = "hf"  # hf | vllm | openai
     # Caps the mode's response length (the tiny model's turns are short).
-    max_new_tokens: Optional[int] = None
-    warm_start: bool = False  # supervised warm start on gold trajectories before RL (tiny models)
+    max_new_tokens: int | None = 96
+    warm_start: bool = True  # supervised warm start on gold trajectories before RL (tiny models)
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
     api: ApiConfig = field(default_factory=ApiConfig)
     trust_remote_code: bool = False
@@ -98,7 +86,7 @@ class ModeConfig:
 
 @dataclass
 class ProceduralConfig:
-    """Offline environment generator knobs (DESIGN §1: the four complexity-scaling strategies)."""
+    """Offline environment generator knobs (docs/reference.md §1: the four complexity-scaling strategies)."""
 
     num_train: int = 400
     num_test: int = 100
@@ -118,18 +106,18 @@ class ProceduralConfig:
     max_distractors: int = 0
     # Draw ids and answers from a fixed pool of this many values per kind, shared by train and test
     # (a small world vocabulary); null: fresh random values everywhere.
-    id_pool_size: Optional[int] = None
+    id_pool_size: int | None = 16
 
 
 @dataclass
 class FilesConfig:
-    train: Optional[str] = None
-    test: Optional[str] = None
+    train: str | None = None
+    test: str | None = None
 
 
 @dataclass
 class LLMBuildConfig:
-    """The LLM environment builder (``envs=llm``, ``ftrl.envs.build``): endpoint, seeds, knobs, gates.
+    """The LLM environment builder (``envs=llm``, ``ftrl.builder``): endpoint, seeds, knobs, gates.
 
     The builder model is independent of the policy (``model``): any OpenAI-compatible endpoint, a
     hosted API or a local ``vllm serve``. Seeds come from ``seed_file`` (JSONL, one ``{"question"}``
@@ -138,54 +126,55 @@ class LLMBuildConfig:
     """
 
     model: str = "gpt-4o-mini"
-    api: ApiConfig = field(default_factory=ApiConfig)
+    # gpt-4o-mini's list prices (USD per million tokens), for the build report's cost line.
+    api: ApiConfig = field(default_factory=lambda: ApiConfig(price_per_mtok_in=0.15, price_per_mtok_out=0.6))
     backoff_base_s: float = 1.0  # retry delays: base * 2**attempt (capped), or the server's Retry-After
     temperature: float = 0.0
     max_tokens: int = 4096
     json_mode: bool = True  # ask for response_format=json_object (OpenAI, vLLM); false for servers without it
     seed: int = 0  # knob draws and the train/test assignment of seeds without a split
     # Seeds: a JSONL of questions (optional "id", "split", "scenario" per line), and/or topics.
-    seed_file: Optional[str] = None
+    seed_file: str | None = None
     topics: list[str] = field(default_factory=list)
-    tasks_per_topic: int = 4
+    tasks_per_topic: int = 8
     scenario_weights: dict[str, float] = field(
         default_factory=lambda: {"single_hop": 1.0, "parallel_single_hop": 1.0, "multi_hop": 1.0,
                                  "parallel_multi_hop": 1.0}
     )
     test_fraction: float = 0.2
-    max_tasks: Optional[int] = None
+    max_tasks: int | None = None
     # Complexity scaling (probability per environment, and a range of distractor tools).
-    functional_generalization: float = 0.0
-    parameter_expansion: float = 0.0
-    parameter_type_generalization: float = 0.0
+    functional_generalization: float = 0.3
+    parameter_expansion: float = 0.3
+    parameter_type_generalization: float = 0.3
     min_distractors: int = 0
-    max_distractors: int = 0
+    max_distractors: int = 2
     # Structured outputs: repair requests after a malformed/invalid reply (0 = fail at once).
     max_repairs: int = 2
     # Gates.
     dedup_threshold: float = 0.9  # questions at least this similar (token Jaccard) are duplicates
     gate_timeout_s: float = 10.0
     reference_check: bool = False  # a reference model (default: the builder) must solve each env ...
-    reference_model: Optional[str] = None
+    reference_model: str | None = None
     reference_max_turns: int = 5  # ... within this many turns
     # Prompts: a directory of <stage>.txt files and/or one file per stage, overriding the packaged ones.
-    prompts_dir: Optional[str] = None
+    prompts_dir: str | None = None
     prompts: dict[str, str] = field(default_factory=dict)
     # The set's name (its directory is <envs.sets_dir>/<set_name>-<content hash>) and the LLM cache.
     set_name: str = "llm"
-    cache_dir: Optional[str] = None  # null: <envs.sets_dir>/.cache
+    cache_dir: str | None = None  # null: <envs.sets_dir>/.cache
 
 
 @dataclass
 class TauBenchConfig:
     """tau-bench tools/codes/DB imported as a stateful environment family (``envs=taubench``)."""
 
-    data_dir: Optional[str] = None  # holds tau-bench/; null: the FTRL_DATA_DIR environment variable
+    data_dir: str | None = None  # holds tau-bench/; null: the FTRL_DATA_DIR environment variable
     domains: list[str] = field(default_factory=lambda: ["airline", "retail"])
     include_policy: bool = True  # the domain's wiki.md as the system message
     test_fraction: float = 0.2
     seed: int = 0
-    max_tasks: Optional[int] = None
+    max_tasks: int | None = None
     embed_db: bool = False  # copy the DB into every record (self-contained, MBs each) instead of its hash
 
 
@@ -195,8 +184,8 @@ class EnvsConfig:
     procedural: ProceduralConfig = field(default_factory=ProceduralConfig)
     files: FilesConfig = field(default_factory=FilesConfig)
     # Optional caps applied after loading (useful for quick runs on big sets).
-    max_train: Optional[int] = None
-    max_test: Optional[int] = None
+    max_train: int | None = None
+    max_test: int | None = None
     llm: LLMBuildConfig = field(default_factory=LLMBuildConfig)
     taubench: TauBenchConfig = field(default_factory=TauBenchConfig)
     # Versioned environment sets (ftrl.envs.sets): where they live, and (envs=set) which to mix:
@@ -219,7 +208,7 @@ class CollectConfig:
     temperature: float = 1.0
     top_p: float = 1.0
     batch_size: int = 32  # conversations generated together
-    max_envs: Optional[int] = None  # cap on environments per round (null: all train envs)
+    max_envs: int | None = None  # cap on environments per round (null: all train envs)
 
 
 @dataclass
@@ -245,18 +234,18 @@ class TrainConfig:
     name: str = "tiny"  # tiny (CPU demo) | reference (paper hyper-parameters)
     rounds: int = 3
     epochs_per_round: int = 1
-    prompts_per_step: int = 512
-    n: int = 16
-    rollout_batch_size: int = 64  # sequences the native backend generates at once (memory bound)
-    temperature: float = 0.7
+    prompts_per_step: int = 16
+    n: int = 8
+    rollout_batch_size: int = 128  # sequences the native backend generates at once (memory bound)
+    temperature: float = 1.0
     top_p: float = 1.0
-    mini_batch_prompts: int = 32
-    micro_batch_size: int = 8  # sequences per forward/backward (gradient accumulation)
+    mini_batch_prompts: int = 16
+    micro_batch_size: int = 64  # sequences per forward/backward (gradient accumulation)
     ppo_epochs: int = 1
-    lr: float = 1e-6
+    lr: float = 2e-4
     lr_scheduler: str = "constant"  # constant | cosine | linear
     lr_warmup_steps: int = 0
-    weight_decay: float = 0.01
+    weight_decay: float = 0.0
     grad_clip: float = 1.0
     clip_ratio_low: float = 0.2
     clip_ratio_high: float = 0.2
@@ -265,8 +254,8 @@ class TrainConfig:
     use_kl_loss: bool = True
     kl_loss_coef: float = 0.001
     kl_loss_type: str = "low_var_kl"
-    entropy_coeff: float = 0.001
-    max_steps_per_round: Optional[int] = None
+    entropy_coeff: float = 0.0
+    max_steps_per_round: int | None = 12
     save_every_steps: int = 10  # trainer state (weights, optimizer, RNG) for resume after a kill
     gradient_checkpointing: bool = False
 
@@ -275,10 +264,10 @@ class TrainConfig:
 class WarmupConfig:
     """Supervised warm start on gold trajectories (runs when model.warm_start is true)."""
 
-    steps: int = 150
+    steps: int = 300
     batch_size: int = 16
-    lr: float = 1e-3
-    num_trajectories: Optional[int] = None  # null: every train environment
+    lr: float = 2e-3
+    num_trajectories: int | None = None  # null: every train environment
 
 
 @dataclass
@@ -286,9 +275,9 @@ class FreezeConfig:
     name: str = "none"
     # Which parameters the selection covers: layer range ("0:0.5" fractions of depth, "0-13"
     # indices, null = all layers) x module kinds; plus an optional regex on parameter names.
-    layers: Optional[str] = None
+    layers: str | None = None
     modules: list[str] = field(default_factory=list)
-    regex: Optional[str] = None
+    regex: str | None = None
     # train: only the selection is trainable | freeze: everything but the selection is trainable
     action: str = "train"
 
@@ -301,7 +290,7 @@ class PeftConfig:
     dropout: float = 0.0
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj",
                                                                 "gate_proj", "up_proj", "down_proj"])
-    layers: Optional[str] = None
+    layers: str | None = None
 
 
 @dataclass
@@ -316,21 +305,21 @@ class VerlConfig:
     strategy: str = "fsdp"  # actor/ref/critic engine: fsdp | fsdp2
     use_dynamic_bsz: bool = True  # pack micro-batches by tokens (else train.micro_batch_size sequences)
     # Token budget per GPU micro-batch; null: one longest sequence (mode.max_prompt_tokens + response).
-    ppo_max_token_len_per_gpu: Optional[int] = None
+    ppo_max_token_len_per_gpu: int | None = None
     param_offload: bool = False  # FSDP parameter offload to CPU (actor)
     optimizer_offload: bool = False  # FSDP optimizer-state offload to CPU (actor)
     agent_workers: int = 8  # agent-loop worker processes that drive the rollout server
     keep_checkpoints: int = 1  # verl checkpoints kept per round (each holds optimizer state)
-    python: Optional[str] = None  # interpreter for the verl subprocesses; null: this one
+    python: str | None = None  # interpreter for the verl subprocesses; null: this one
     env: dict[str, str] = field(default_factory=dict)  # for the verl process and every Ray worker
     overrides: list[str] = field(default_factory=list)  # raw verl overrides, appended last
 
-    def check(self, run: "RunConfig") -> None:
+    def check(self, run: RunConfig) -> None:
         """Cross-field rules of the verl backend; messages name the key and the valid options."""
-        _check_choice("backend.verl.rollout_engine", self.rollout_engine, ("vllm", "sglang"))
-        _check_choice("backend.verl.strategy", self.strategy, ("fsdp", "fsdp2"))
-        _check_positive("backend.verl.agent_workers", self.agent_workers)
-        _check_positive("backend.verl.keep_checkpoints", self.keep_checkpoints)
+        check_choice("backend.verl.rollout_engine", self.rollout_engine, ("vllm", "sglang"))
+        check_choice("backend.verl.strategy", self.strategy, ("fsdp", "fsdp2"))
+        check_positive("backend.verl.agent_workers", self.agent_workers)
+        check_positive("backend.verl.keep_checkpoints", self.keep_checkpoints)
         longest = run.mode.max_prompt_tokens + run.max_new_tokens
         if self.ppo_max_token_len_per_gpu is not None and self.ppo_max_token_len_per_gpu < longest:
             raise ConfigError(f"backend.verl.ppo_max_token_len_per_gpu: {self.ppo_max_token_len_per_gpu} cannot hold "
@@ -344,7 +333,7 @@ class VerlConfig:
             if not name.isidentifier():
                 raise ConfigError(f"backend.verl.env: {name!r} is not a valid environment variable name")
         # verl's own limits, checked here so the run fails before collection instead of after it.
-        _check_choice("train.lr_scheduler (backend=verl)", run.train.lr_scheduler, ("constant", "cosine"))
+        check_choice("train.lr_scheduler (backend=verl)", run.train.lr_scheduler, ("constant", "cosine"))
         if run.train.mini_batch_prompts > run.train.prompts_per_step:
             raise ConfigError(f"train.mini_batch_prompts: {run.train.mini_batch_prompts} exceeds "
                               f"train.prompts_per_step={run.train.prompts_per_step} (verl needs mini <= batch)")
@@ -380,8 +369,8 @@ class BackendConfig:
 @dataclass
 class ResourcesConfig:
     name: str = "cpu"
-    device: str = "auto"  # auto | cpu | cuda
-    num_threads: Optional[int] = None  # torch intra-op threads on CPU (null: torch default)
+    device: str = "cpu"  # auto | cpu | cuda
+    num_threads: int | None = None  # torch intra-op threads on CPU (null: torch default)
     n_gpus_per_node: int = 0
     nnodes: int = 1
     tensor_parallel_size: int = 1
@@ -396,17 +385,17 @@ class EvalConfig:
     max_turns: int = 20
     temperature: float = 0.0
     batch_size: int = 32
-    max_samples: Optional[int] = None
+    max_samples: int | None = None
     checkpoints: str = "all"  # all: base, warmup and every round | last: only the final policy
-    data_dir: Optional[str] = None  # benchmark data (tau-bench, RoTBench); env FTRL_DATA_DIR
+    data_dir: str | None = None  # benchmark data (tau-bench, RoTBench); env FTRL_DATA_DIR
 
 
 @dataclass
 class WandbConfig:
     project: str = "ftrl"
-    entity: Optional[str] = None
+    entity: str | None = None
     mode: str = "offline"  # offline | online | disabled
-    group: Optional[str] = None
+    group: str | None = None
     tags: list[str] = field(default_factory=list)
 
 
@@ -420,8 +409,8 @@ class LoggerConfig:
 class AnalysisConfig:
     """Compare two HF checkpoints directly (``stages=[analyze]``); null: the run's own checkpoints."""
 
-    base: Optional[str] = None
-    target: Optional[str] = None
+    base: str | None = None
+    target: str | None = None
 
 
 @dataclass
@@ -448,91 +437,32 @@ class RunConfig:
     analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
 
     # ------------------------------------------------------------------ validation
-    def validate(self) -> "RunConfig":
-        from ftrl.registry import BENCHMARKS, ENV_SOURCES, PARSERS, REWARDS
-
-        for index, stage in enumerate(self.stages):
-            _check_choice(f"stages[{index}]", stage, STAGES)
-        if len(set(self.stages)) != len(self.stages):
-            raise ConfigError(f"stages: listed twice in {self.stages}")
-        order = [s for s in STAGES if s in self.stages]
-        if order != list(self.stages):
-            raise ConfigError(f"stages: must follow the pipeline order {list(STAGES)}, got {self.stages}")
-
-        _check_choice("model.engine", self.model.engine, ("hf", "vllm", "openai"))
-        PARSERS.check(self.model.parser, "model.parser")
-        _check_choice("model.dtype", self.model.dtype, ("float32", "bfloat16", "float16", "auto"))
-        if self.model.name == "tiny" and self.model.path is None:
-            tiny = self.model.tiny
-            if tiny.hidden_size % tiny.num_attention_heads:
-                raise ConfigError("model.tiny.hidden_size must be divisible by model.tiny.num_attention_heads")
-            if tiny.num_attention_heads % tiny.num_key_value_heads:
-                raise ConfigError("model.tiny.num_attention_heads must be divisible by num_key_value_heads")
-        elif self.model.path is None and self.model.engine != "openai":
-            raise ConfigError(f"model.path: required for model.name='{self.model.name}' (a local path or hub id)")
-        if self.mode.enable_thinking and not self.model.supports_thinking:
-            raise ConfigError(f"mode.enable_thinking=true but model '{self.model.name}' has supports_thinking=false")
-        _check_positive("mode.max_response_tokens", self.mode.max_response_tokens)
-
-        ENV_SOURCES.check(self.envs.name, "envs.name")
-        if self.envs.name == "ftrl_files" and not (self.envs.files.train or self.envs.files.test):
-            raise ConfigError("envs.files.train / envs.files.test: envs=ftrl_files needs at least one path")
-        proc = self.envs.procedural
-        for key in ("functional_generalization", "parameter_expansion", "parameter_type_generalization"):
-            value = getattr(proc, key)
-            if not 0.0 <= value <= 1.0:
-                raise ConfigError(f"envs.procedural.{key}: must be a probability in [0, 1], got {value}")
-        if proc.min_distractors > proc.max_distractors:
-            raise ConfigError("envs.procedural.min_distractors must be <= envs.procedural.max_distractors")
-        _validate_llm_build(self.envs.llm)
-        for ref, weight in self.envs.mix.items():
-            if weight is None or not weight > 0:
-                raise ConfigError(f"envs.mix.{ref}: weight must be > 0, got {weight!r}")
-        if not 0.0 <= self.envs.taubench.test_fraction < 1.0:
-            raise ConfigError(f"envs.taubench.test_fraction: must be in [0, 1), "
-                              f"got {self.envs.taubench.test_fraction}")
-        for index, domain in enumerate(self.envs.taubench.domains):
-            _check_choice(f"envs.taubench.domains[{index}]", domain, ("airline", "retail"))
-
-        REWARDS.check(self.reward.name, "reward.name")
-        _check_choice("reward.compat", self.reward.compat, ("ftrl", "fixed"))
-        _check_positive("reward.tool_timeout_s", self.reward.tool_timeout_s)
-        _check_positive("collect.max_turns", self.collect.max_turns)
-        _check_positive("eval.max_turns", self.eval.max_turns)
-
-        _check_choice("algorithm.name", self.algorithm.name, ("grpo", "reinforce_pp", "ppo"))
-        _check_choice("algorithm.adv_estimator", self.algorithm.adv_estimator,
-                      ("grpo", "reinforce_plus_plus", "gae"))
-        if self.algorithm.adv_estimator == "gae" and not self.algorithm.use_critic:
-            raise ConfigError("algorithm.use_critic: adv_estimator=gae (PPO) needs a critic; set use_critic=true")
-        _check_choice("train.name", self.train.name, ("tiny", "reference"))
-        _check_choice("train.lr_scheduler", self.train.lr_scheduler, ("constant", "cosine", "linear"))
-        _check_choice("train.loss_agg_mode", self.train.loss_agg_mode,
-                      ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"))
-        _check_choice("train.kl_loss_type", self.train.kl_loss_type,
-                      ("kl", "k1", "abs", "mse", "k2", "low_var_kl", "k3"))
-        _check_positive("train.rounds", self.train.rounds)
-        _check_positive("train.n", self.train.n)
-        _check_positive("train.rollout_batch_size", self.train.rollout_batch_size)
-        if self.algorithm.adv_estimator == "grpo" and self.train.n < 2:
-            raise ConfigError("train.n: GRPO needs at least 2 samples per prompt for a group baseline")
-        if self.train.name == "tiny" and self.model.name != "tiny":
-            log.warning("train=tiny (CPU demo hyper-parameters) with model=%s; real models want "
-                        "train=reference or a +experiment= file", self.model.name)
-
-        _check_choice("freeze.action", self.freeze.action, ("train", "freeze"))
-        _check_choice("peft.name", self.peft.name, ("none", "lora"))
-        _check_choice("backend.name", self.backend.name, ("native", "verl"))
-        if self.backend.name == "verl":
-            self.backend.verl.check(self)
-        _check_choice("resources.device", self.resources.device, ("auto", "cpu", "cuda"))
-        _check_positive("resources.sandbox_workers", self.resources.sandbox_workers)
-        for index, name in enumerate(self.eval.benchmarks):
-            BENCHMARKS.check(name, f"eval.benchmarks[{index}]")
-        _check_choice("eval.checkpoints", self.eval.checkpoints, ("all", "last"))
-        _check_choice("logger.name", self.logger.name, ("console", "wandb"))
-        _check_choice("logger.wandb.mode", self.logger.wandb.mode, ("offline", "online", "disabled"))
+    def validate(self) -> RunConfig:
+        """Check every key once, as the config loads; raise ConfigError naming the key and the valid options."""
+        _check_stages(self.stages)
+        _check_model(self)
+        _check_envs(self.envs)
+        _check_reward_and_episodes(self)
+        _check_algorithm_and_train(self)
+        check_selectors(self.freeze, self.peft, num_layers=self.known_num_layers())
+        _check_backend_and_resources(self)
+        _check_eval_and_logger(self)
         return self
+
+    def known_num_layers(self) -> int | None:
+        """The policy's decoder depth when it can be known before loading: the tiny model's, or a local
+        ``model.path``'s ``config.json``; None for hub ids and API models."""
+        if self.model.path is None:
+            return self.model.tiny.num_hidden_layers if self.model.name == "tiny" else None
+        config_file = Path(self.model.path).expanduser() / "config.json"
+        if not config_file.is_file():
+            return None
+        try:
+            hf_config = json.loads(config_file.read_text())
+        except (OSError, ValueError):
+            return None
+        depth = hf_config.get("num_hidden_layers", (hf_config.get("text_config") or {}).get("num_hidden_layers"))
+        return depth if isinstance(depth, int) else None
 
     # ------------------------------------------------------------------ helpers
     @property
@@ -541,6 +471,115 @@ class RunConfig:
         if self.model.max_new_tokens is None:
             return self.mode.max_response_tokens
         return min(self.mode.max_response_tokens, self.model.max_new_tokens)
+
+
+def _check_stages(stages: list[str]) -> None:
+    for index, stage in enumerate(stages):
+        check_choice(f"stages[{index}]", stage, STAGES)
+    if len(set(stages)) != len(stages):
+        raise ConfigError(f"stages: listed twice in {stages}")
+    if [s for s in STAGES if s in stages] != list(stages):
+        raise ConfigError(f"stages: must follow the pipeline order {list(STAGES)}, got {stages}")
+
+
+def _check_model(run: RunConfig) -> None:
+    from ftrl.registry import ENGINES, PARSERS
+
+    model = run.model
+    ENGINES.check(model.engine, "model.engine")
+    PARSERS.check(model.parser, "model.parser")
+    check_choice("model.dtype", model.dtype, ("float32", "bfloat16", "float16", "auto"))
+    if model.name == "tiny" and model.path is None:
+        tiny = model.tiny
+        if tiny.hidden_size % tiny.num_attention_heads:
+            raise ConfigError("model.tiny.hidden_size must be divisible by model.tiny.num_attention_heads")
+        if tiny.num_attention_heads % tiny.num_key_value_heads:
+            raise ConfigError("model.tiny.num_attention_heads must be divisible by num_key_value_heads")
+    elif model.path is None and model.engine != "openai":
+        raise ConfigError(f"model.path: required for model.name='{model.name}' (a local path or hub id)")
+    if run.mode.enable_thinking and not model.supports_thinking:
+        raise ConfigError(f"mode.enable_thinking=true but model '{model.name}' has supports_thinking=false")
+    check_positive("mode.max_response_tokens", run.mode.max_response_tokens)
+
+
+def _check_envs(envs: EnvsConfig) -> None:
+    from ftrl.registry import ENV_SOURCES
+
+    ENV_SOURCES.check(envs.name, "envs.name")
+    if envs.name == "ftrl_files" and not (envs.files.train or envs.files.test):
+        raise ConfigError("envs.files.train / envs.files.test: envs=ftrl_files needs at least one path")
+    proc = envs.procedural
+    for key in ("functional_generalization", "parameter_expansion", "parameter_type_generalization"):
+        value = getattr(proc, key)
+        if not 0.0 <= value <= 1.0:
+            raise ConfigError(f"envs.procedural.{key}: must be a probability in [0, 1], got {value}")
+    if proc.min_distractors > proc.max_distractors:
+        raise ConfigError("envs.procedural.min_distractors must be <= envs.procedural.max_distractors")
+    _validate_llm_build(envs.llm)
+    for ref, weight in envs.mix.items():
+        if weight is None or not weight > 0:
+            raise ConfigError(f"envs.mix.{ref}: weight must be > 0, got {weight!r}")
+    if not 0.0 <= envs.taubench.test_fraction < 1.0:
+        raise ConfigError(f"envs.taubench.test_fraction: must be in [0, 1), got {envs.taubench.test_fraction}")
+    for index, domain in enumerate(envs.taubench.domains):
+        check_choice(f"envs.taubench.domains[{index}]", domain, ("airline", "retail"))
+
+
+def _check_reward_and_episodes(run: RunConfig) -> None:
+    from ftrl.registry import REWARDS
+
+    REWARDS.check(run.reward.name, "reward.name")
+    check_choice("reward.compat", run.reward.compat, ("ftrl", "fixed"))
+    check_positive("reward.tool_timeout_s", run.reward.tool_timeout_s)
+    check_positive("collect.max_turns", run.collect.max_turns)
+    check_positive("eval.max_turns", run.eval.max_turns)
+
+
+def _check_algorithm_and_train(run: RunConfig) -> None:
+    from ftrl.registry import ADV_ESTIMATORS, ALGORITHMS
+
+    algorithm, train = run.algorithm, run.train
+    ALGORITHMS.check(algorithm.name, "algorithm.name")
+    ADV_ESTIMATORS.check(algorithm.adv_estimator, "algorithm.adv_estimator")
+    if algorithm.adv_estimator == "gae" and not algorithm.use_critic:
+        raise ConfigError("algorithm.use_critic: adv_estimator=gae (PPO) needs a critic; set use_critic=true")
+    if algorithm.adv_estimator != ALGORITHMS.get(algorithm.name).adv_estimator:
+        log.info("algorithm=%s trains with algorithm.adv_estimator=%s (overridden; both backends use it)",
+                 algorithm.name, algorithm.adv_estimator)
+    check_choice("train.name", train.name, ("tiny", "reference"))
+    check_choice("train.lr_scheduler", train.lr_scheduler, ("constant", "cosine", "linear"))
+    check_choice("train.loss_agg_mode", train.loss_agg_mode,
+                 ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"))
+    check_choice("train.kl_loss_type", train.kl_loss_type, ("kl", "k1", "abs", "mse", "k2", "low_var_kl", "k3"))
+    check_positive("train.rounds", train.rounds)
+    check_positive("train.n", train.n)
+    check_positive("train.rollout_batch_size", train.rollout_batch_size)
+    if algorithm.adv_estimator == "grpo" and train.n < 2:
+        raise ConfigError("train.n: GRPO needs at least 2 samples per prompt for a group baseline")
+    if train.name == "tiny" and run.model.name != "tiny":
+        log.warning("train=tiny (CPU demo hyper-parameters) with model=%s; real models want "
+                    "train=reference or a +experiment= file", run.model.name)
+
+
+def _check_backend_and_resources(run: RunConfig) -> None:
+    from ftrl.registry import BACKENDS
+
+    check_choice("peft.name", run.peft.name, ("none", "lora"))
+    BACKENDS.check(run.backend.name, "backend.name")
+    if run.backend.name == "verl":
+        run.backend.verl.check(run)
+    check_choice("resources.device", run.resources.device, ("auto", "cpu", "cuda"))
+    check_positive("resources.sandbox_workers", run.resources.sandbox_workers)
+
+
+def _check_eval_and_logger(run: RunConfig) -> None:
+    from ftrl.registry import BENCHMARKS
+
+    for index, name in enumerate(run.eval.benchmarks):
+        BENCHMARKS.check(name, f"eval.benchmarks[{index}]")
+    check_choice("eval.checkpoints", run.eval.checkpoints, ("all", "last"))
+    check_choice("logger.name", run.logger.name, ("console", "wandb"))
+    check_choice("logger.wandb.mode", run.logger.wandb.mode, ("offline", "online", "disabled"))
 
 
 def _validate_llm_build(llm: LLMBuildConfig) -> None:
@@ -556,25 +595,25 @@ def _validate_llm_build(llm: LLMBuildConfig) -> None:
         raise ConfigError(f"{key}.test_fraction: must be in [0, 1), got {llm.test_fraction}")
     if not 0.0 < llm.dedup_threshold <= 1.0:
         raise ConfigError(f"{key}.dedup_threshold: must be in (0, 1], got {llm.dedup_threshold}")
-    _check_positive(f"{key}.max_repairs", llm.max_repairs, allow_zero=True)
-    _check_positive(f"{key}.tasks_per_topic", llm.tasks_per_topic)
-    _check_positive(f"{key}.max_tokens", llm.max_tokens)
-    _check_positive(f"{key}.gate_timeout_s", llm.gate_timeout_s)
-    _check_positive(f"{key}.reference_max_turns", llm.reference_max_turns)
-    _check_positive(f"{key}.backoff_base_s", llm.backoff_base_s, allow_zero=True)
-    _check_positive(f"{key}.api.concurrency", llm.api.concurrency)
-    _check_positive(f"{key}.api.max_retries", llm.api.max_retries, allow_zero=True)
-    _check_positive(f"{key}.api.timeout_s", llm.api.timeout_s)
+    check_positive(f"{key}.max_repairs", llm.max_repairs, allow_zero=True)
+    check_positive(f"{key}.tasks_per_topic", llm.tasks_per_topic)
+    check_positive(f"{key}.max_tokens", llm.max_tokens)
+    check_positive(f"{key}.gate_timeout_s", llm.gate_timeout_s)
+    check_positive(f"{key}.reference_max_turns", llm.reference_max_turns)
+    check_positive(f"{key}.backoff_base_s", llm.backoff_base_s, allow_zero=True)
+    check_positive(f"{key}.api.concurrency", llm.api.concurrency)
+    check_positive(f"{key}.api.max_retries", llm.api.max_retries, allow_zero=True)
+    check_positive(f"{key}.api.timeout_s", llm.api.timeout_s)
     if llm.temperature < 0:
         raise ConfigError(f"{key}.temperature: must be >= 0, got {llm.temperature}")
     scenario_keys = ("single_hop", "parallel_single_hop", "multi_hop", "parallel_multi_hop")
     for name, weight in llm.scenario_weights.items():
-        _check_choice(f"{key}.scenario_weights", name, scenario_keys)
+        check_choice(f"{key}.scenario_weights", name, scenario_keys)
         if weight is None or weight < 0:
             raise ConfigError(f"{key}.scenario_weights.{name}: must be >= 0, got {weight!r}")
     stages = ("seed", "decompose", "document", "integrate", "scale", "deploy", "repair")
     for stage in llm.prompts:
-        _check_choice(f"{key}.prompts", stage, stages)
+        check_choice(f"{key}.prompts", stage, stages)
 
 
 def load_run_config(cfg: DictConfig | dict) -> RunConfig:
@@ -582,7 +621,7 @@ def load_run_config(cfg: DictConfig | dict) -> RunConfig:
     schema = OmegaConf.structured(RunConfig)
     try:
         user = cfg if isinstance(cfg, DictConfig) else OmegaConf.create(cfg)
-        user = OmegaConf.masked_copy(user, [k for k in user.keys() if k != "hydra"]) if "hydra" in user else user
+        user = OmegaConf.masked_copy(user, [k for k in user if k != "hydra"]) if "hydra" in user else user
         merged = OmegaConf.merge(schema, user)
         run_config: RunConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
     except OmegaConfBaseException as error:

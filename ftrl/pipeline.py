@@ -12,79 +12,18 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
+from ftrl import stages as S
 from ftrl.artifacts import RunDir, read_json, write_json, write_manifest
 from ftrl.config import RunConfig, to_container
+from ftrl.run_state import RunContext, Step
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class Step:
-    """One resumable unit of work: ``name`` is its marker, ``stage`` the user-facing stage."""
-
-    name: str
-    stage: str
-    run: Callable[["RunContext"], dict[str, Any] | None]
-    describe: str = ""
-
-
-@dataclass
-class RunContext:
-    """What every stage needs: the validated config, the run directory and shared services."""
-
-    cfg: RunConfig
-    run_dir: RunDir
-    tracker: Any = None
-    cache: dict[str, Any] = field(default_factory=dict)
-
-    # ------------------------------------------------------------ checkpoints
-    def base_policy(self) -> Path | str:
-        """The starting model: the tiny model built for this run, or the configured path/hub id."""
-        if self.cfg.model.path is not None:
-            return self.cfg.model.path
-        return self.run_dir.base_model
-
-    def policy_for_round(self, k: int) -> Path | str:
-        """Round k collects with round k-1's checkpoint (round 1: the warm start, else the base)."""
-        if k > 1:
-            return self.run_dir.checkpoint_dir(f"round{k - 1}")
-        if self.warm_start_enabled():
-            return self.run_dir.checkpoint_dir("warmup")
-        return self.base_policy()
-
-    def warm_start_enabled(self) -> bool:
-        return bool(self.cfg.model.warm_start) and "train" in self.cfg.stages
-
-    def rounds(self) -> int:
-        if "train" in self.cfg.stages:
-            return self.cfg.train.rounds
-        return 1 if "collect" in self.cfg.stages else 0
-
-    def checkpoints(self) -> list[tuple[str, Path | str]]:
-        """Every checkpoint of this run that exists, in training order (base first)."""
-        found: list[tuple[str, Path | str]] = [("base", self.base_policy())]
-        warmup = self.run_dir.checkpoint_dir("warmup")
-        if _is_complete_checkpoint(warmup):
-            found.append(("warmup", warmup))
-        k = 1
-        while _is_complete_checkpoint(self.run_dir.checkpoint_dir(f"round{k}")):
-            found.append((f"round{k}", self.run_dir.checkpoint_dir(f"round{k}")))
-            k += 1
-        return found
-
-
-def _is_complete_checkpoint(path: Path) -> bool:
-    return (path / "config.json").exists() and any(path.glob("*.safetensors"))
-
-
 def build_steps(ctx: RunContext) -> list[Step]:
     """The step table for this config; later stages slot in without reshaping the earlier ones."""
-    from ftrl import stages as S
-
     stages = ctx.cfg.stages
     steps: list[Step] = []
     if "build_envs" in stages:
@@ -97,7 +36,7 @@ def build_steps(ctx: RunContext) -> list[Step]:
         if "train" in stages:
             steps.append(Step(f"train_r{k}", "train", lambda c, k=k: S.train(c, k), f"round {k}: RL update"))
     if "eval" in stages:
-        steps.append(Step("eval", "eval", S.evaluate, "evaluate checkpoints"))
+        steps.append(Step("eval", "eval", S.evaluate, "evaluate checkpoints", recheck=True))
     if "analyze" in stages:
         steps.append(Step("analyze", "analyze", S.analyze, "parameter-change analysis"))
     return steps
@@ -112,13 +51,10 @@ def run_pipeline(cfg: RunConfig, tracker: Any = None) -> dict[str, Any]:
     steps = build_steps(ctx)
     log.info("run_dir=%s steps=%s", run_dir.root, [s.name for s in steps])
     if cfg.dry_run:
-        from ftrl import stages as S
-
         return S.dry_run_plan(ctx, steps)
 
     for step in steps:
-        # eval and analyze re-check their own per-checkpoint markers, so they always get a look.
-        if run_dir.is_done(step.name) and step.stage not in ("eval",):
+        if run_dir.is_done(step.name) and not step.recheck:
             log.info("skip %s (done: %s)", step.name, run_dir.stage_marker(step.name))
             continue
         log.info("=== %s: %s", step.name, step.describe)

@@ -8,27 +8,14 @@ engines) is looked up by name here, so configs stay strings and heavy modules lo
 
 from __future__ import annotations
 
-import difflib
 import importlib
-from typing import Any, Callable, Generic, Iterator, TypeVar
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
+
+from ftrl.errors import ConfigError, UnknownNameError, unknown_choice_message
 
 T = TypeVar("T")
-
-
-class UnknownNameError(KeyError):
-    """Raised for a name that is not registered; the message lists the valid names."""
-
-    def __str__(self) -> str:  # KeyError quotes its message; show it plainly.
-        return str(self.args[0])
-
-
-def did_you_mean(name: str, choices: list[str]) -> str:
-    close = difflib.get_close_matches(name, choices, n=1)
-    return f"; did you mean '{close[0]}'?" if close else ""
-
-
-def unknown_choice_message(what: str, name: Any, choices: list[str]) -> str:
-    return f"unknown {what} '{name}'; valid: {sorted(choices)}{did_you_mean(str(name), choices)}"
 
 
 def resolve_target(target: str) -> Any:
@@ -82,12 +69,22 @@ class Registry(Generic[T]):
     def check(self, name: str, key: str) -> None:
         """Raise a config error naming ``key`` if ``name`` is not registered."""
         if name not in self._entries:
-            from ftrl.config import ConfigError
-
             raise ConfigError(f"{key}: {unknown_choice_message(self.what, name, self.names())}")
 
 
 Factory = Callable[..., Any]
+
+
+@dataclass(frozen=True)
+class AlgorithmSpec:
+    """What an ``algorithm`` option trains with: its advantage estimator and whether it needs a critic.
+
+    ``conf/algorithm/<name>.yaml`` sets the same values (a test checks they agree); a user may override
+    ``algorithm.adv_estimator``, and both backends then train with the override.
+    """
+
+    adv_estimator: str
+    use_critic: bool
 
 # Registries referenced by configs. Entries are lazy so importing this module stays cheap.
 # (Freeze policies are data: conf/freeze/*.yaml selectors interpreted by ftrl.train.freeze.)
@@ -96,11 +93,16 @@ PARSERS: Registry[Factory] = Registry("tool-call parser")
 ENGINES: Registry[Factory] = Registry("inference engine")
 ENV_SOURCES: Registry[Factory] = Registry("environment source")
 BENCHMARKS: Registry[Factory] = Registry("benchmark")
-ALGORITHMS: Registry[Factory] = Registry("algorithm")
+ALGORITHMS: Registry[AlgorithmSpec] = Registry("algorithm")
+ADV_ESTIMATORS: Registry[Factory] = Registry("advantage estimator")
 BACKENDS: Registry[Factory] = Registry("backend")
 
-for _name in ("solve_f1", "solve_precision", "solve_rate", "solve_pr"):
-    REWARDS.register(_name, f"ftrl.reward:{_name}")
+# A reward variant is its p >= 1 formula (p parsed calls, q newly solved -> score); the other rows of
+# the reward table are shared (ftrl.reward.score_response, docs/reference.md).
+REWARDS.register("solve_f1", "ftrl.reward:f1_formula")
+REWARDS.register("solve_precision", "ftrl.reward:precision_formula")
+REWARDS.register("solve_rate", "ftrl.reward:rate_formula")
+REWARDS.register("solve_pr", "ftrl.reward:pr_formula")
 PARSERS.register("qwen", "ftrl.llm.parsers:parse_qwen")
 PARSERS.register("llama31", "ftrl.llm.parsers:parse_llama31")
 ENGINES.register("hf", "ftrl.llm.engines.hf:HFEngine")
@@ -108,9 +110,16 @@ ENGINES.register("openai", "ftrl.llm.engines.openai:OpenAIEngine")
 ENGINES.register("vllm", "ftrl.llm.engines.vllm:VLLMEngine")
 ENV_SOURCES.register("procedural", "ftrl.envs.sources:procedural")
 ENV_SOURCES.register("ftrl_files", "ftrl.envs.sources:ftrl_files")
-ENV_SOURCES.register("llm", "ftrl.envs.sources:llm")
+ENV_SOURCES.register("llm", "ftrl.builder:env_source")
 ENV_SOURCES.register("set", "ftrl.envs.sources:env_set")
 ENV_SOURCES.register("taubench", "ftrl.envs.sources:taubench")
 BENCHMARKS.register("ftrl_test", "ftrl.eval.own_test:ftrl_test")
+# Algorithms of the paper's tables -> the verl core_algos estimator they use (the same names verl takes).
+ALGORITHMS.register("grpo", AlgorithmSpec(adv_estimator="grpo", use_critic=False))
+ALGORITHMS.register("reinforce_pp", AlgorithmSpec(adv_estimator="reinforce_plus_plus", use_critic=False))
+ALGORITHMS.register("ppo", AlgorithmSpec(adv_estimator="gae", use_critic=True))
+ADV_ESTIMATORS.register("grpo", "ftrl.train.algorithms:grpo_advantages")
+ADV_ESTIMATORS.register("reinforce_plus_plus", "ftrl.train.algorithms:reinforce_pp_advantages")
+ADV_ESTIMATORS.register("gae", "ftrl.train.algorithms:gae_advantages")
 BACKENDS.register("native", "ftrl.train.native:train_round")
 BACKENDS.register("verl", "ftrl.train.verl_backend:train_round")

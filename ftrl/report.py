@@ -7,15 +7,18 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
+
+from ftrl.artifacts import RunDir
 
 HEADLINE = (("ftrl_test/solve_p", "Solve-P"), ("ftrl_test/solve_r", "Solve-R"), ("ftrl_test/solve_f1", "Solve-F1"))
 
 
 def format_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     widths = [max(len(str(cell)) for cell in column) for column in zip(header, *rows)]
-    line = lambda cells: "  ".join(str(c).rjust(w) if i else str(c).ljust(w)  # noqa: E731
+    line = lambda cells: "  ".join(str(c).rjust(w) if i else str(c).ljust(w)
                                    for i, (c, w) in enumerate(zip(cells, widths)))
     rule = "  ".join("-" * w for w in widths)
     return "\n".join([line(header), rule, *(line(r) for r in rows)])
@@ -56,7 +59,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("run_dir", type=Path)
     args = parser.parse_args(argv)
-    summary = json.loads((args.run_dir / "summary.json").read_text())
+    summary = json.loads(RunDir(args.run_dir).summary.read_text())
     summary.setdefault("run_dir", str(args.run_dir))
     print_results(summary)
 

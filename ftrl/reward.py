@@ -1,6 +1,6 @@
 """The verifiable per-turn reward of FTRL: one source of truth for collection, training and eval.
 
-A turn is scored against a *sample* (a reference record, DESIGN §2): its tool calls are parsed and
+A turn is scored against a *sample* (a reference record, docs/reference.md §2): its tool calls are parsed and
 run locally, each output that answer-verifies against a still-unsolved sub-answer listed under the
 same tool name solves it (each sub-answer once), and the variant turns p parsed calls and q newly
 solved sub-answers into a scalar (rows are tried top to bottom)::
@@ -33,7 +33,6 @@ be run counts as a failed call (p grows, q does not).
 
 from __future__ import annotations
 
-import functools
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -41,18 +40,32 @@ from typing import Any
 from ftrl.envs import sandbox
 from ftrl.envs.verify import answer_verify, apply_tool_results, normalise_answer  # noqa: F401 (re-exported)
 from ftrl.llm.parsers import check_compat, get_parser, has_tool_markup
-from ftrl.registry import PARSERS, REWARDS, UnknownNameError, unknown_choice_message
-from ftrl.types import Message, RewardResult, ToolCall, as_json_obj, count_answers
+from ftrl.registry import PARSERS, REWARDS
+from ftrl.types import Message, RewardResult, ToolCall, as_json_obj, count_answers, format_tool_error
 
 log = logging.getLogger(__name__)
 
-# p parsed calls, q newly solved sub-answers -> score (the p >= 1 row of the table).
-VARIANT_FORMULAS: dict[str, Callable[[int, int], float]] = {
-    "solve_f1": lambda p, q: 2 * q / (p + 1),
-    "solve_precision": lambda p, q: q / p,
-    "solve_rate": lambda p, q: float(q),
-    "solve_pr": lambda p, q: q * q / p,
-}
+# The p >= 1 row of the table, one function per variant: p parsed calls, q newly solved -> score.
+# ``ftrl.registry.REWARDS`` maps each variant name to one of these.
+def f1_formula(p: int, q: int) -> float:
+    """solve_f1, the paper's reward: 2q/(p+1)."""
+    return 2 * q / (p + 1)
+
+
+def precision_formula(p: int, q: int) -> float:
+    """solve_precision: q/p."""
+    return q / p
+
+
+def rate_formula(p: int, q: int) -> float:
+    """solve_rate: q."""
+    return float(q)
+
+
+def pr_formula(p: int, q: int) -> float:
+    """solve_pr: q*q/p (precision times count)."""
+    return q * q / p
+
 
 EMPTY_SCORE = -0.5
 MALFORMED_SCORE = -0.3
@@ -139,7 +152,7 @@ def _parse(text: str, parser: Callable[[str], Message]) -> Message:
 
 def _error_output(call: ToolCall, error: BaseException) -> str:
     name = call.get("function", {}).get("name") if isinstance(call, Mapping) else None
-    return f"an error occured when call {name}: {error}"
+    return format_tool_error(name, error)
 
 
 def run_tool_calls(codes: Mapping[str, str], tool_calls: Sequence[ToolCall], timeout: float) -> list[str]:
@@ -164,7 +177,7 @@ def run_tool_calls(codes: Mapping[str, str], tool_calls: Sequence[ToolCall], tim
 
 
 def _run_stateful(sample: Mapping[str, Any], tool_calls: Sequence[ToolCall], timeout: float) -> list[str]:
-    from ftrl.envs.taubench import run_stateful_calls
+    from ftrl.envs.executor import run_stateful_calls
 
     try:
         return run_stateful_calls(sample, tool_calls, timeout)
@@ -181,8 +194,7 @@ def score_response(
     parser: str = "qwen",
 ) -> RewardResult:
     """Score one generated turn against ``sample`` (see the module table)."""
-    if variant not in VARIANT_FORMULAS:
-        raise UnknownNameError(unknown_choice_message("reward variant", variant, list(VARIANT_FORMULAS)))
+    formula = REWARDS.get(variant)
     check_compat(compat)
     parse = get_parser(parser, compat)
     codes = read_codes(sample)
@@ -197,7 +209,7 @@ def score_response(
     if tool_calls:
         if sample.get("state"):
             # Stateful environments (tau-bench): the snapshot's history is replayed on a fresh copy
-            # of the initial state before this turn's calls run (see ftrl.envs.taubench).
+            # of the initial state before this turn's calls run (see ftrl.envs.executor).
             outputs = _run_stateful(sample, tool_calls, timeout)
         else:
             outputs = run_tool_calls(codes, tool_calls, timeout)
@@ -206,7 +218,7 @@ def score_response(
         except Exception:  # e.g. a sandbox output that answer_verify cannot read
             log.exception("matching tool outputs failed; counting no solved sub-answer")
             solved = 0
-        score = VARIANT_FORMULAS[variant](len(tool_calls), solved)
+        score = formula(len(tool_calls), solved)
         return RewardResult(
             score=score, calls=len(tool_calls), solved=solved, unsolved_before=unsolved_before
         )
@@ -229,22 +241,6 @@ def score_response(
 # --------------------------------------------------------------------------- named rewards
 
 
-def _named_reward(variant: str, doc: str) -> Callable[..., float]:
-    def reward(response: str, sample: Mapping[str, Any], *, compat: str = "ftrl", parser: str = "qwen",
-               timeout: float = 10.0) -> float:
-        return score_response(response, sample, variant, compat, timeout, parser).score
-
-    reward.__name__ = reward.__qualname__ = variant
-    reward.__doc__ = doc
-    return reward
-
-
-solve_f1 = _named_reward("solve_f1", "The paper's reward: 2q/(p+1) for a turn with calls.")
-solve_precision = _named_reward("solve_precision", "q/p for a turn with calls.")
-solve_rate = _named_reward("solve_rate", "q for a turn with calls.")
-solve_pr = _named_reward("solve_pr", "q*q/p for a turn with calls (precision times count).")
-
-
 def get_reward(
     name: str, compat: str = "ftrl", parser: str = "qwen", timeout: float = 10.0
 ) -> Callable[[str, Mapping[str, Any]], float]:
@@ -253,9 +249,14 @@ def get_reward(
     Raises ``UnknownNameError`` listing the registered rewards (or parsers), ``ValueError`` for an
     unknown compat mode or a non-positive timeout.
     """
-    reward = REWARDS.get(name)
+    REWARDS.get(name)
     check_compat(compat)
     PARSERS.get(parser)
     if not timeout > 0:
         raise ValueError(f"reward tool timeout must be > 0 seconds, got {timeout!r}")
-    return functools.partial(reward, compat=compat, parser=parser, timeout=timeout)
+
+    def reward(response: str, sample: Mapping[str, Any]) -> float:
+        return score_response(response, sample, name, compat, timeout, parser).score
+
+    reward.__name__ = reward.__qualname__ = name
+    return reward

@@ -13,33 +13,14 @@ from pathlib import Path
 from typing import Any
 
 from ftrl.artifacts import read_json, write_json
-from ftrl.pipeline import RunContext, Step
+from ftrl.llm.tiny import ensure_base_model
 from ftrl.registry import BENCHMARKS, ENV_SOURCES
+from ftrl.run_state import RunContext, Step
 
 log = logging.getLogger(__name__)
 
 
 # ------------------------------------------------------------------------------------ shared services
-def ensure_base_model(ctx: RunContext) -> Path | str:
-    """The configured model, or the tiny model built once for this run from its train environments."""
-    cfg = ctx.cfg
-    if cfg.model.path is not None:
-        return cfg.model.path
-    from ftrl.envs.io import read_records
-    from ftrl.llm.tiny import atomic_words_from_records, corpus_from_records, create_tiny_base
-
-    out_dir = ctx.run_dir.base_model
-    if "base_model" not in ctx.cache:
-        train_path = ctx.run_dir.envs("train")
-        if not train_path.exists():
-            raise FileNotFoundError(f"{train_path} is missing: the tiny model's tokenizer is fitted to the "
-                                    "train environments, so run the build_envs stage first")
-        records = read_records(train_path)
-        ctx.cache["base_model"] = create_tiny_base(cfg.model.tiny, corpus_from_records(records), out_dir,
-                                                   seed=cfg.seed, atomic_words=atomic_words_from_records(records))
-    return ctx.cache["base_model"]
-
-
 def engine_for(ctx: RunContext, policy: Path | str, batch_size: int) -> Any:
     """An inference engine on ``policy``; the last one is cached so eval reuses collect's engine."""
     from ftrl.llm.engines import build_engine
@@ -149,7 +130,28 @@ def train(ctx: RunContext, k: int) -> dict[str, Any]:
     from ftrl.registry import BACKENDS
 
     release_engine(ctx)  # the trainer (or verl's workers) needs the memory the collection engine holds
-    return BACKENDS.get(ctx.cfg.backend.name)(ctx, k)
+    info = BACKENDS.get(ctx.cfg.backend.name)(ctx, k)
+    plot_run_rewards(ctx)
+    return info
+
+
+def plot_run_rewards(ctx: RunContext) -> Path | None:
+    """Reward curve over every finished round of the run (``train_reward_curve.png``)."""
+    from ftrl.analysis.plots import plot_reward_curve
+    from ftrl.train.native import read_history
+
+    rows: list[dict[str, Any]] = []
+    k = 1
+    while ctx.run_dir.train_history(k).exists():
+        rows += read_history(ctx.run_dir.train_history(k))
+        k += 1
+    if not any("reward/score" in row for row in rows):
+        return None
+    for row in rows:
+        row["step"] = row.get("global_step", row["step"])
+    path = ctx.run_dir.reward_curve
+    plot_reward_curve(rows, path)
+    return path
 
 
 # ------------------------------------------------------------------------------------ eval
@@ -198,8 +200,8 @@ def dry_run_plan(ctx: RunContext, steps: list[Step]) -> dict[str, Any]:
     """Print what a run would do (steps, policies, backend command) without doing it."""
     cfg = ctx.cfg
     lines = [f"run_dir: {ctx.run_dir.root}", f"model: {cfg.model.name} ({cfg.model.path or 'built in run dir'})",
-             f"algorithm: {cfg.algorithm.name}  reward: {cfg.reward.name}/{cfg.reward.compat}  "
-             f"freeze: {cfg.freeze.name}  backend: {cfg.backend.name}", "steps:"]
+             (f"algorithm: {cfg.algorithm.name}  reward: {cfg.reward.name}/{cfg.reward.compat}  "
+             f"freeze: {cfg.freeze.name}  backend: {cfg.backend.name}"), "steps:"]
     for step in steps:
         state = "done" if ctx.run_dir.is_done(step.name) else "todo"
         lines.append(f"  [{state}] {step.name}: {step.describe}")

@@ -53,6 +53,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from typing_extensions import Self
+
 from ftrl.config import STAGES, RunConfig, to_container
 
 log = logging.getLogger(__name__)
@@ -188,24 +190,6 @@ class Tracker:
                 payload["trainer/global_step"] = step
             self._wandb_run.log(payload)
 
-    def log_verl_metrics(self, metrics: Mapping[str, Any], step: int) -> dict[str, float]:
-        """Log one verl step under the shared names; returns what was logged."""
-        translated = verl_metrics_to_ftrl(metrics)
-        self.log(translated, step=step)
-        return translated
-
-    def log_verl_file(self, path: Path | str, step_offset: int = 0) -> int:
-        """Replay a verl file-logger JSONL (one round) into this job's run; returns the steps logged.
-
-        verl's step counter starts at 1 in every round; ``step_offset`` (the steps of earlier rounds)
-        makes ``trainer/global_step`` continue across rounds as the native backend's does.
-        """
-        count = 0
-        for step, metrics in read_verl_metrics_file(path):
-            self.log_verl_metrics(metrics, step=step_offset + step)
-            count += 1
-        return count
-
     def summary(self, metrics: Mapping[str, Any]) -> None:
         if self._wandb_run is not None:
             self._wandb_run.summary.update(dict(metrics))
@@ -216,7 +200,7 @@ class Tracker:
             run, self._wandb_run = self._wandb_run, None
             run.finish(exit_code=exit_code)
 
-    def __enter__(self) -> Tracker:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,

@@ -1,6 +1,6 @@
 """Records that stages exchange: the reference sample format and the typed views over it.
 
-A *sample* (environment or snapshot) is stored exactly in the FTRL reference schema (DESIGN §2):
+A *sample* (environment or snapshot) is stored exactly in the FTRL reference schema (docs/reference.md §2):
 ``messages`` (list of chat messages), ``tools``/``codes``/``unsolved_set`` (JSON strings),
 ``solve_rate`` (float), ``answer``, ``data_source`` (scenario), ``split``. Files on disk always hold
 that schema so they round-trip with the reference release and verl's dataset loader; code that
@@ -12,8 +12,9 @@ needs typed access goes through :class:`Sample`.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 SCENARIOS: tuple[str, ...] = ("Single-Hop", "Parallel Single-Hop", "Multi-Hop", "Parallel Multi-Hop")
 SPLITS: tuple[str, ...] = ("train", "test")
@@ -23,6 +24,34 @@ REFERENCE_FIELDS: tuple[str, ...] = (
 
 Message = dict[str, Any]
 ToolCall = dict[str, Any]  # {"id", "type": "function", "function": {"name", "arguments": "<json>"}}
+
+
+# The reference's tool-error text, spelling included ("occured"): every failed call becomes this message.
+TOOL_ERROR_TEMPLATE = "an error occured when call {name}: {error}"
+TOOL_ERROR_PREFIX = "an error occured when call"
+
+
+def format_tool_error(name: Any, error: Any) -> str:
+    """The tool message for a failed call, exactly as the reference writes it."""
+    return TOOL_ERROR_TEMPLATE.format(name=name, error=error)
+
+
+def is_tool_error(output: Any) -> bool:
+    """Whether a tool message is the reference's error text (for any tool)."""
+    return str(output).startswith(TOOL_ERROR_PREFIX)
+
+
+def make_tool_call(name: Any, arguments: Any, call_id: str | None = None) -> ToolCall:
+    """One OpenAI-style tool call, the shape every message, record and engine uses.
+
+    ``arguments`` is a mapping (JSON-encoded here, non-ASCII kept) or an already encoded JSON string.
+    ``call_id`` None leaves the ``id`` out (gold trajectories and replayed calls carry none).
+    """
+    encoded = arguments if isinstance(arguments, str) else json.dumps(arguments, ensure_ascii=False)
+    call: ToolCall = {"type": "function", "function": {"name": name, "arguments": encoded}}
+    if call_id is not None:
+        call = {"id": call_id, **call}
+    return call
 
 
 def as_json_obj(value: Any) -> Any:
@@ -53,7 +82,7 @@ class Sample:
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
-    def from_record(cls, record: Mapping[str, Any]) -> "Sample":
+    def from_record(cls, record: Mapping[str, Any]) -> Sample:
         missing = [key for key in REFERENCE_FIELDS if key not in record and key != "solve_rate"]
         if missing:
             raise KeyError(f"record lacks reference field(s) {missing}; has {sorted(record)}")
@@ -98,12 +127,6 @@ class Sample:
         return [tool["function"]["name"] for tool in self.tools]
 
 
-def episode_key(record: Mapping[str, Any]) -> str:
-    """Identity of the episode a record belongs to (the reference keys on the first message)."""
-    messages = as_json_obj(record["messages"])
-    return str(messages[0].get("content") or "") if messages else ""
-
-
 @dataclass(frozen=True)
 class RewardResult:
     """One scored turn: the scalar and the parts that explain it (logged as reward/* metrics)."""
@@ -129,7 +152,7 @@ class RewardResult:
 
 @dataclass
 class EpisodeResult:
-    """A finished multi-turn episode: the conversation and the own-test metrics of DESIGN §2."""
+    """A finished multi-turn episode: the conversation and the own-test metrics of docs/reference.md §8."""
 
     messages: list[Message]
     data_source: str

@@ -137,7 +137,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                  args.gpu_memory_utilization)
         else:
             message = report(args.run_dir, args.round)
-    except Exception as error:  # the smoke script reports every failure as one FAIL line
+    except Exception as error:  # noqa: BLE001 - the smoke script reports every failure as one FAIL line
         print(f"FAIL {phase}: {type(error).__name__}: {error}")
         return 1
     print(message)

@@ -15,8 +15,9 @@ from __future__ import annotations
 import json
 import re
 import threading
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 from openai_stub import Reply, StubServer, completion
 

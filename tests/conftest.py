@@ -13,6 +13,6 @@ SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 if SHARED_DATA.is_dir():
     os.environ.setdefault("FTRL_DATA_DIR", str(SHARED_DATA))
 
-import torch  # noqa: E402
+import torch
 
 torch.set_num_threads(1)

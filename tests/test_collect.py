@@ -10,8 +10,8 @@ import pytest
 
 from ftrl.collect import EpisodeLog, collect_snapshots, run_episodes
 from ftrl.config import ProceduralConfig
+from ftrl.envs.executor import StatefulExecutor
 from ftrl.envs.procedural import build_procedural_envs
-from ftrl.envs.taubench import StatefulExecutor
 from ftrl.eval.own_test import aggregate_by_scenario, evaluate_own_test
 from ftrl.llm.engines.base import ChatEngine, ChatRequest, Generation, SamplingParams
 from ftrl.llm.parsers import get_parser

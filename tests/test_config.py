@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -10,7 +11,8 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from ftrl.config import STAGES, ConfigError, RunConfig, load_run_config
+from ftrl.config import STAGES, RunConfig, load_run_config, to_container
+from ftrl.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
 CONF = ROOT / "conf"
@@ -99,18 +101,68 @@ def test_cross_field_rules(overrides: dict, fragment: str) -> None:
 
 def test_cli_prints_composed_job_and_rejects_bad_values(tmp_path: Path) -> None:
     ok = subprocess.run([sys.executable, "-m", "ftrl.run", "--cfg", "job", "algorithm=ppo"], cwd=ROOT,
-                        capture_output=True, text=True, timeout=120)
+                        capture_output=True, text=True, timeout=120, check=False)
     assert ok.returncode == 0, ok.stderr
     assert "adv_estimator: gae" in ok.stdout
     bad = subprocess.run([sys.executable, "-m", "ftrl.run", "reward.compat=strict", "stages=[build_envs]",
-                          f"hydra.run.dir={tmp_path}"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+                          f"hydra.run.dir={tmp_path}"], cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
     assert bad.returncode == 2
     assert "reward.compat" in bad.stdout + bad.stderr and "fixed" in bad.stdout + bad.stderr
 
 
 def test_dry_run_names_run_dir_from_overrides(tmp_path: Path) -> None:
     out = subprocess.run([sys.executable, "-m", "ftrl.run", "dry_run=true", "algorithm=ppo", "seed=3",
-                          f"hydra.run.dir={tmp_path}/run"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+                          f"hydra.run.dir={tmp_path}/run"], cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
     assert out.returncode == 0, out.stderr
     assert f"run_dir: {tmp_path}/run" in out.stdout
     assert "[todo] train_r3" in out.stdout
+
+
+def test_dataclass_defaults_are_the_default_composition() -> None:
+    """One set of defaults: RunConfig() is exactly what `python -m ftrl.run` composes with no overrides."""
+    composed = to_container(_compose([]))
+    coded = to_container(RunConfig())
+    composed.pop("run_dir"), coded.pop("run_dir")
+    assert composed == coded
+
+
+@pytest.mark.parametrize("group", ["envs", "algorithm"])
+def test_option_sections_match_the_schema_defaults(group: str) -> None:
+    """Sections that only one option sets (envs.llm, envs.taubench, algorithm.critic) default to that option's values."""
+    defaults = to_container(RunConfig())[group]
+    for option in _options(group):
+        section = to_container(_compose([f"{group}={option}", *NEEDS.get((group, option), [])]))[group]
+        for key, value in section.items():
+            if isinstance(value, dict) and key in (option, "critic"):
+                assert value == defaults[key], f"{group}={option}: {group}.{key} differs from the dataclass defaults"
+
+
+@pytest.mark.parametrize("overrides,fragment", [
+    (["freeze=lower_mlp_only", "freeze.modules=[mpl]"], "freeze.modules: unknown module kind 'mpl'"),
+    (["freeze=lower_mlp_only", "freeze.layers=9:2"], "freeze.layers"),
+    (["freeze=lower_mlp_only", "freeze.layers=0:9"], "the model has 4 layers"),  # the tiny model's depth
+    (["freeze.modules=[mlp]"], "freeze.name='none'"),
+    (["freeze=lower_mlp_only", "freeze.regex='(unclosed'"], "freeze.regex"),
+    (["peft=lora", "peft.target_modules=[q_prj]"], "peft.target_modules: unknown module kind 'q_prj'"),
+    (["peft=lora", "peft.layers=abc"], "peft.layers"),
+])
+def test_selector_mistakes_fail_when_the_config_loads(overrides: list[str], fragment: str) -> None:
+    with pytest.raises(ConfigError) as error:
+        _compose(overrides)
+    assert fragment in str(error.value)
+
+
+def test_layer_ranges_are_checked_against_a_local_models_depth(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text(json.dumps({"num_hidden_layers": 2}), encoding="utf-8")
+    model = ["model=qwen3_8b", f"model.path={tmp_path}"]
+    assert _compose([*model, "freeze=lower_mlp_only", "freeze.layers=0:2"]).known_num_layers() == 2
+    with pytest.raises(ConfigError, match="the model has 2 layers"):
+        _compose([*model, "freeze=lower_mlp_only", "freeze.layers=0:3"])
+
+
+def test_dry_run_refuses_a_selector_typo(tmp_path: Path) -> None:
+    out = subprocess.run([sys.executable, "-m", "ftrl.run", "dry_run=true", "freeze=lower_mlp_only",
+                          "freeze.modules=[mpl]", f"hydra.run.dir={tmp_path}/run"], cwd=ROOT, capture_output=True,
+                         text=True, timeout=120, check=False)
+    assert out.returncode == 2
+    assert "freeze.modules" in out.stdout + out.stderr and "did you mean 'mlp'" in out.stdout + out.stderr

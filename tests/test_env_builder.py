@@ -28,18 +28,18 @@ from typing import Any
 import pytest
 from builder_stub import SEEDS, BuilderServer, load_fixtures
 
+from ftrl.builder import build_env_set
+from ftrl.builder.builder import main as build_main
+from ftrl.builder.llm import LazyEngine, Ledger, LLMCache, StageError, StructuredLLM
+from ftrl.builder.prompts import PROMPT_DIR, load_prompts
+from ftrl.builder.records import GoldCall, Scenario, SeedTask, SubQuestion, ToolSet
+from ftrl.builder.schema import check_tool_schema, classify_structure, parse_llm_json, validate
+from ftrl.builder.stages import Knobs, StageContext, check_source, scale
 from ftrl.config import ConfigError, LLMBuildConfig, ProceduralConfig, RunConfig
-from ftrl.envs.build import build_env_set
-from ftrl.envs.build.builder import main as build_main
-from ftrl.envs.build.llm import LazyEngine, Ledger, LLMCache, StageError, StructuredLLM
-from ftrl.envs.build.prompts import PROMPT_DIR, load_prompts
-from ftrl.envs.build.records import GoldCall, Scenario, SeedTask, SubQuestion, ToolSet
-from ftrl.envs.build.schema import check_tool_schema, classify_structure, parse_llm_json, validate
-from ftrl.envs.build.stages import Knobs, StageContext, check_source, scale
+from ftrl.envs.executor import StatefulExecutor
 from ftrl.envs.io import read_records, validate_record
 from ftrl.envs.procedural import generate_envs
 from ftrl.envs.sets import format_env, list_sets, mix_sets, resolve_set, write_set
-from ftrl.envs.taubench import StatefulExecutor
 from ftrl.llm.engines.openai import Completion, MissingAPIKeyError
 from ftrl.types import REFERENCE_FIELDS, count_answers
 
@@ -57,6 +57,12 @@ def _config(server: BuilderServer, **overrides: Any) -> LLMBuildConfig:
         "min_distractors": 1,
         "max_distractors": 1,
         "backoff_base_s": 0.0,
+        # The recorded stub replies were written for these knobs (no scaling, four tasks a topic),
+        # not for the builder's defaults (scaling 0.3, eight tasks a topic).
+        "functional_generalization": 0.0,
+        "parameter_expansion": 0.0,
+        "parameter_type_generalization": 0.0,
+        "tasks_per_topic": 4,
         **overrides,
     }
     cfg = LLMBuildConfig(**settings)
@@ -72,7 +78,7 @@ def _questions(records: list[dict]) -> list[str]:
 @pytest.fixture(scope="module")
 def built(tmp_path_factory) -> dict[str, Any]:
     """The first build, through the registry's envs=llm source, as a run would call it."""
-    from ftrl.envs.sources import llm
+    from ftrl.builder import env_source as llm
 
     sets_dir = tmp_path_factory.mktemp("sets")
     with BuilderServer() as server:
@@ -218,6 +224,9 @@ def test_an_endpoint_outage_is_reported_and_the_next_run_resumes(tmp_path: Path,
                 "min_distractors=1",
                 "backoff_base_s=0",
                 "max_distractors=1",
+                "functional_generalization=0",
+                "parameter_expansion=0",
+                "parameter_type_generalization=0",
                 "--sets-dir",
                 str(tmp_path),
             ]
@@ -383,7 +392,7 @@ def test_parse_and_validate_structured_replies() -> None:
     assert parse_llm_json('{"a": 1}') == ({"a": 1}, False, None)
     assert parse_llm_json('Sure:\n```json\n{"a": [1, 2,],}\n```') == ({"a": [1, 2]}, True, None)
     assert parse_llm_json('{"a": "cut') == ({"a": "cut"}, True, None)
-    value, repaired, error = parse_llm_json("no json here")
+    value, _repaired, error = parse_llm_json("no json here")
     assert value is None and "not JSON" in error
     schema = {
         "type": "object",
@@ -410,8 +419,8 @@ def test_parse_and_validate_structured_replies() -> None:
     assert check_tool_schema(bad_tool) == [
         "tool: name 'get-x' must be a Python identifier (letters, digits, _; at most 64)",
         "tool '?': needs a non-empty description",
-        "tool '?': parameter 'q' has type 'text'; valid: ['array', 'boolean', 'integer', 'null', 'number', "
-        "'object', 'string'] or a list of them",
+        ("tool '?': parameter 'q' has type 'text'; valid: ['array', 'boolean', 'integer', 'null', 'number', "
+        "'object', 'string'] or a list of them"),
         "tool '?': parameters.required ['z'] must list declared properties (['q'])",
     ]
 

@@ -10,7 +10,6 @@ import pytest
 from ftrl.config import FilesConfig
 from ftrl.envs.io import (
     RecordError,
-    append_jsonl,
     env_set_hash,
     load_ftrl_files,
     read_records,
@@ -78,21 +77,14 @@ def test_a_record_that_is_not_json_fails_naming_it_and_keeps_the_old_file(tmp_pa
     assert sorted(p.name for p in tmp_path.iterdir()) == ["envs.jsonl"]
 
 
-def test_append_jsonl_appends_and_repairs_an_interrupted_tail(tmp_path: Path) -> None:
+def test_a_crash_truncated_last_line_is_reported_or_dropped(tmp_path: Path) -> None:
     path = tmp_path / "snapshots.jsonl"
-    assert append_jsonl(path, [make_record(answer="1")]) == 1
+    write_jsonl(path, [make_record(answer="1")])
     with open(path, "a", encoding="utf-8") as handle:
         handle.write('{"messages": [{"role": "us')  # a crash mid-record
     with pytest.raises(RecordError, match=r"snapshots.jsonl:2: line is not valid JSON"):
         read_records(path)
     assert [r["answer"] for r in read_records(path, drop_partial_last_line=True)] == ["1"]
-    append_jsonl(path, [make_record(answer="2")])
-    assert [r["answer"] for r in read_records(path)] == ["1", "2"]
-
-    # A complete last record that only lacks its newline is kept, not cut.
-    path.write_text(json.dumps(make_record(answer="3")), encoding="utf-8")
-    append_jsonl(path, [make_record(answer="4")])
-    assert [r["answer"] for r in read_records(path)] == ["3", "4"]
 
 
 def test_read_records_reports_bad_lines_and_file_types(tmp_path: Path) -> None:

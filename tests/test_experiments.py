@@ -1,7 +1,7 @@
 """Paper experiments, ablation sweeps, hardware profiles, the SLURM launcher and the sweep helper.
 
 Every ``conf/experiment`` file composes and validates; the twelve Table 2 models carry the
-reference hyper-parameters of DESIGN §2; the ablations are multirun experiments whose sweeps list
+reference hyper-parameters of docs/reference.md §6; the ablations are multirun experiments whose sweeps list
 existing options; the SLURM launcher config turns into a real submitit sbatch script; the sweep
 helper launches from a clean worktree of a tmp git repository.
 
@@ -26,7 +26,7 @@ from ftrl.config import RunConfig, load_run_config, to_container
 ROOT = Path(__file__).resolve().parent.parent
 CONF = ROOT / "conf"
 sys.path.insert(0, str(ROOT / "launchers"))
-import sweep  # noqa: E402  (launchers/sweep.py, imported after the path insert)
+import sweep
 
 # name -> (model, enable_thinking, algorithm, verl adv_estimator, response tokens)
 TABLE2: dict[str, tuple[str, bool, str, str, int]] = {}

@@ -17,18 +17,17 @@ import torch
 from omegaconf import OmegaConf
 from transformers import AutoModelForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
-from ftrl.config import ConfigError, FreezeConfig, PeftConfig
+from ftrl.config import FreezeConfig, PeftConfig
+from ftrl.errors import ConfigError
+from ftrl.params import classify_parameter, format_layers, parse_layer_range
 from ftrl.train.freeze import (
     FreezeReport,
     FrozenParametersChangedError,
     apply_freeze_policy,
     apply_lora,
     assert_frozen_unchanged,
-    classify_parameter,
-    format_layers,
     lora_target_modules,
     merge_lora_for_save,
-    parse_layer_range,
     select_parameters,
     snapshot_frozen,
 )
@@ -239,7 +238,7 @@ def test_report_describe_lines() -> None:
     everything = apply_freeze_policy(tiny_model(), load_freeze("none"))
     assert everything.describe() == ("freeze: policy=none trainable=226.6K/226.6K (100.0%) tensors=47/47 "
                                      "layers=all modules=all")
-    # The scale of the 1.25M tiny demo model (DESIGN §9) prints in millions.
+    # The scale of the 1.25M tiny demo model (docs/reference.md §9) prints in millions.
     demo = FreezeReport(policy="lower_mlp_only", action="train", trainable_params=393_216,
                         total_params=1_250_000, trainable_tensors=6, total_tensors=46, num_layers=4,
                         layers=(0, 1), modules=("gate_proj", "up_proj", "down_proj"))

@@ -167,7 +167,7 @@ def test_sampling_shapes_seed_and_rng_isolation(base_model, tokenizer):
 
 
 def test_sampling_uses_the_full_distribution(base_model, tokenizer):
-    """transformers would cut to the 50 likeliest tokens unless top_k=0 is passed (DESIGN §9)."""
+    """transformers would cut to the 50 likeliest tokens unless top_k=0 is passed (docs/reference.md §9)."""
     engine = HFEngine(base_model, tokenizer, batch_size=256)
     (group,) = engine.generate(
         _requests()[:1], SamplingParams(temperature=1.0, max_new_tokens=1, n=256, seed=0)

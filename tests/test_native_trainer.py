@@ -131,4 +131,4 @@ def test_round_checkpoint_loads_with_from_pretrained(world: dict, tmp_path: Path
     loaded = AutoModelForCausalLM.from_pretrained(out)
     saved = load_file(str(out / "model.safetensors"))
     assert set(saved) and all(torch.equal(saved[n], p) for n, p in loaded.named_parameters() if n in saved)
-    assert not (tmp_path / "checkpoint.tmp").exists()
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".checkpoint")) == []  # no staging left

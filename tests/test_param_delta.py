@@ -279,7 +279,7 @@ def stage_tensors(embed: float = 0.0, up: float = 0.0, q: float = 0.0) -> dict[s
 def make_context(tmp_path: Path, checkpoints: dict[str, dict[str, torch.Tensor]]):
     from ftrl.artifacts import RunDir
     from ftrl.config import RunConfig
-    from ftrl.pipeline import RunContext
+    from ftrl.run_state import RunContext
 
     run_dir = RunDir(tmp_path / "run")
     locations = {"base": run_dir.base_model}

@@ -12,6 +12,7 @@ import pytest
 
 from ftrl.llm import parsers
 from ftrl.llm.parsers import (
+    format_qwen_tool_calls,
     get_parser,
     has_tool_markup,
     parse_llama31,
@@ -20,6 +21,7 @@ from ftrl.llm.parsers import (
     tolerant_json_loads,
 )
 from ftrl.registry import UnknownNameError
+from ftrl.types import make_tool_call
 
 WEATHER = '{"name": "get_weather", "arguments": {"city": "Paris"}}'
 POPULATION = '{"name": "get_population", "arguments": {"city": "Oslo", "year": 2020}}'
@@ -300,3 +302,67 @@ def test_get_parser_binds_compat_and_rejects_unknown_family() -> None:
     assert get_parser("llama31", "fixed")('<|python_tag|>{"name": "f", "parameters": {}}')["tool_calls"]
     with pytest.raises(UnknownNameError, match=r"unknown tool-call parser 'qwen3'.*\['llama31', 'qwen'\]"):
         get_parser("qwen3", "ftrl")
+
+
+# --------------------------------------------------------------------------- Qwen formatter
+
+FORMAT_CASES = {
+    "one call": [("get_weather", {"city": "Paris"})],
+    "several calls": [("get_population", {"city": "Oslo", "year": 2020}), ("get_weather", {"city": "Rome"}),
+                      ("list_all", {})],
+    "non-ascii": [("météo", {"ville": "Zürich", "note": "晴れ ☀", "quote": 'say "hi"\n\\'})],
+    "nested": [("book", {"trip": {"legs": [{"from": "A", "to": "B", "stops": [1, 2.5, None]}], "ok": True}})],
+}
+
+
+def reference_calls(case: str) -> list[dict]:
+    return [make_tool_call(name, arguments, f"call_{i}") for i, (name, arguments) in enumerate(FORMAT_CASES[case])]
+
+
+@pytest.mark.parametrize("compat", ["ftrl", "fixed"])
+@pytest.mark.parametrize("case", sorted(FORMAT_CASES))
+def test_format_then_parse_gives_the_same_calls(case: str, compat: str) -> None:
+    calls = reference_calls(case)
+    message = parse_qwen(format_qwen_tool_calls(calls), compat=compat)
+    assert message["content"] == ""
+    assert calls_of(message) == list(FORMAT_CASES[case])
+    # The encoded arguments come back byte for byte (both sides use json.dumps, non-ASCII kept).
+    assert [c["function"]["arguments"] for c in message["tool_calls"]] == [c["function"]["arguments"] for c in calls]
+
+
+def test_format_is_the_documented_text() -> None:
+    calls = reference_calls("several calls")
+    assert format_qwen_tool_calls(calls) == "\n".join(
+        [block(POPULATION), block('{"name": "get_weather", "arguments": {"city": "Rome"}}'),
+         block('{"name": "list_all", "arguments": {}}')]
+    )
+    assert format_qwen_tool_calls([]) == ""
+
+
+@pytest.mark.parametrize("content", ["", "Let me check."])
+@pytest.mark.parametrize("case", sorted(FORMAT_CASES))
+def test_format_equals_the_chat_template_rendering(case: str, content: str) -> None:
+    from ftrl.llm.chat_template import render_chat
+
+    calls = reference_calls(case)
+    rendered = render_chat([{"role": "assistant", "content": content, "tool_calls": calls}])
+    text = "\n".join(part for part in (content, format_qwen_tool_calls(calls)) if part)
+    assert rendered == f"<|im_start|>assistant\n{text}<|im_end|>\n"
+
+
+def test_format_accepts_every_shape_the_template_accepts() -> None:
+    from ftrl.llm.chat_template import render_chat
+
+    calls = [
+        {"name": "bare", "arguments": {"x": "é"}},  # bare call, dict arguments (the template's tojson)
+        {"function": {"name": "compact", "arguments": '{"x":1}'}},  # a string is written verbatim
+        {"type": "function", "function": {"name": "no_arguments"}},  # missing arguments -> {}
+        {"type": "function", "function": {"name": "null_arguments", "arguments": None}},
+    ]
+    text = format_qwen_tool_calls(calls)
+    assert render_chat([{"role": "assistant", "content": "", "tool_calls": calls}]) == (
+        f"<|im_start|>assistant\n{text}<|im_end|>\n"
+    )
+    assert '{"name": "compact", "arguments": {"x":1}}' in text
+    assert '{"name": "no_arguments", "arguments": {}}' in text
+    assert [name for name, _ in calls_of(parse_qwen(text))] == ["bare", "compact", "no_arguments", "null_arguments"]

@@ -1,5 +1,6 @@
-"""The verifiable reward: DESIGN §2's table row by row for all four variants, on a small environment
-whose tools are real Python run through the sandbox; answer_verify edge cases; never-raise fuzz.
+"""The verifiable reward: the table of docs/reference.md §4 row by row for all four variants, on a
+small environment whose tools are real Python run through the sandbox; answer_verify edge cases;
+never-raise fuzz.
 
     OMP_NUM_THREADS=1 python -m pytest tests/test_reward.py -q
 """
@@ -13,16 +14,13 @@ import random
 import pytest
 
 from ftrl import reward as reward_module
-from ftrl.registry import UnknownNameError
+from ftrl.errors import UnknownNameError
+from ftrl.registry import REWARDS
 from ftrl.reward import (
     answer_verify,
     apply_tool_results,
     get_reward,
     score_response,
-    solve_f1,
-    solve_pr,
-    solve_precision,
-    solve_rate,
     strip_end_of_turn,
 )
 from ftrl.types import RewardResult
@@ -268,8 +266,8 @@ def test_answer_verify_rejects_non_string_golden() -> None:
 def test_named_rewards_and_get_reward() -> None:
     sample = make_sample()
     response = PARIS + PARIS
-    assert (solve_f1(response, sample), solve_precision(response, sample)) == pytest.approx((2 / 3, 0.5))
-    assert (solve_rate(response, sample), solve_pr(response, sample)) == pytest.approx((1.0, 0.5))
+    named = {name: get_reward(name)(response, sample) for name in REWARDS.names()}
+    assert named == pytest.approx({"solve_f1": 2 / 3, "solve_pr": 0.5, "solve_precision": 0.5, "solve_rate": 1.0})
     thought = "<think>" + PARIS + "</think>"
     assert get_reward("solve_rate")(thought, sample) == 1.0
     assert get_reward("solve_rate", compat="fixed")(thought, sample) == -0.5
@@ -281,8 +279,14 @@ def test_named_rewards_and_get_reward() -> None:
         get_reward("solve_f1", parser="mistral")
     with pytest.raises(ValueError, match="unknown compat mode"):
         get_reward("solve_f1", compat="strict")
-    with pytest.raises(UnknownNameError, match="unknown reward variant"):
+    with pytest.raises(UnknownNameError, match="unknown reward 'f1'"):
         score_response("x", sample, "f1")
+
+
+def test_reward_registry_is_the_one_formula_table() -> None:
+    # (p calls, q solved) -> the p >= 1 row of the reward table, for each registered variant.
+    expected = {"solve_f1": 2 * 2 / 4, "solve_precision": 2 / 3, "solve_rate": 2.0, "solve_pr": 4 / 3}
+    assert {name: REWARDS.get(name)(3, 2) for name in REWARDS.names()} == pytest.approx(expected)
 
 
 def test_llama31_parser_family() -> None:

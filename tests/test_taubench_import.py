@@ -15,15 +15,9 @@ from pathlib import Path
 import pytest
 
 from ftrl.config import RunConfig, TauBenchConfig
+from ftrl.envs.executor import StatefulExecutor, TurnContext, run_stateful_calls
 from ftrl.envs.io import validate_record
-from ftrl.envs.taubench import (
-    StatefulExecutor,
-    TurnContext,
-    build_taubench_envs,
-    load_domain,
-    resolve_data_dir,
-    run_stateful_calls,
-)
+from ftrl.envs.taubench import build_taubench_envs, load_domain, resolve_data_dir
 from ftrl.reward import apply_tool_results
 from ftrl.types import count_answers
 

@@ -29,6 +29,7 @@ from ftrl.config import ConfigError, ProceduralConfig, RunConfig, TinyModelConfi
 from ftrl.envs.procedural import build_procedural_envs
 from ftrl.llm.chat_template import render_chat
 from ftrl.llm.tiny import build_tiny_model, build_tokenizer, corpus_from_records
+from ftrl.registry import ADV_ESTIMATORS, ALGORITHMS
 from ftrl.reward import score_response
 from ftrl.train import verl_backend as vb
 from ftrl.types import as_json_obj
@@ -137,8 +138,8 @@ def snapshots(envs: list[dict], tmp_path_factory: pytest.TempPathFactory) -> lis
 def tiny_run(envs: list[dict], snapshots: list[dict], tmp_path_factory: pytest.TempPathFactory) -> dict:
     """A run directory with environments, the tiny base model and round 1's snapshots."""
     from ftrl.envs.io import write_jsonl
-    from ftrl.pipeline import RunContext
-    from ftrl.stages import ensure_base_model
+    from ftrl.llm.tiny import ensure_base_model
+    from ftrl.run_state import RunContext
 
     root = tmp_path_factory.mktemp("run")
     overrides = ["backend=verl", "+debug=smoke", "model.warm_start=false", "resources.n_gpus_per_node=1",
@@ -251,7 +252,7 @@ def test_every_verl_experiment_composes_against_verl_and_validates(verl_base: An
             vb.validate_verl_config(config)
         except Exception as error:  # name the experiment that fails
             raise AssertionError(f"+experiment={experiment}: verl rejects the config: {error}") from error
-        assert config.algorithm.adv_estimator == vb.ADV_ESTIMATORS[run_config.algorithm.name], experiment
+        assert config.algorithm.adv_estimator == ALGORITHMS.get(run_config.algorithm.name).adv_estimator, experiment
         assert config.data.train_batch_size == run_config.train.prompts_per_step, experiment
         assert config.trainer.n_gpus_per_node == run_config.resources.n_gpus_per_node >= 1, experiment
     names = [name for name, _ in experiments]
@@ -299,6 +300,36 @@ def test_composing_verl_inside_our_hydra_app_restores_it() -> None:
         assert GlobalHydra.instance().hydra is ours
         assert compose(config_name="config").backend.name == "native"  # our search path still works
     assert config.actor_rollout_ref.rollout.name == "vllm"
+
+
+ALGORITHM_OPTIONS = sorted(p.stem for p in (CONF / "algorithm").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("estimator_override", [None, *ADV_ESTIMATORS.names()])
+@pytest.mark.parametrize("algorithm", ALGORITHM_OPTIONS)
+def test_both_backends_train_with_the_same_estimator(algorithm: str, estimator_override: str | None,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """verl's algorithm.adv_estimator and the native trainer's estimator agree for every option and override."""
+    from ftrl.train.algorithms import compute_advantages
+
+    overrides = [f"algorithm={algorithm}"]
+    if estimator_override is not None:
+        overrides.append(f"algorithm.adv_estimator={estimator_override}")
+        if estimator_override == "gae":
+            overrides.append("algorithm.use_critic=true")
+    run_config = compose_run(overrides)
+    if estimator_override is None:  # conf/algorithm/<name>.yaml agrees with the registry
+        spec = ALGORITHMS.get(algorithm)
+        assert (run_config.algorithm.adv_estimator, run_config.algorithm.use_critic) == (
+            spec.adv_estimator, spec.use_critic)
+    verl_side = [item.split("=", 1)[1] for item in vb.verl_overrides(run_config, "/runs/x", 1, policy="/m")
+                 if item.startswith("algorithm.adv_estimator=")]
+    called: list[str] = []
+    for name in ADV_ESTIMATORS.names():
+        monkeypatch.setitem(ADV_ESTIMATORS._entries, name,
+                            lambda *args, name=name, **kwargs: called.append(name) or (None, None))
+    compute_advantages(run_config.algorithm, torch.zeros(2, 3), torch.ones(2, 3), np.array([0, 0]))
+    assert verl_side == called == [estimator_override or ALGORITHMS.get(algorithm).adv_estimator]
 
 
 FREEZE_POLICIES = sorted(p.stem for p in (CONF / "freeze").glob("*.yaml") if p.stem != "none")
@@ -698,7 +729,7 @@ def test_train_round_resumes_from_the_last_checkpoint_and_merges_it(finished_rou
     merged = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).state_dict()
     for name, tensor in finished_round["weights"].items():  # verl's merger writes bfloat16
         assert torch.equal(merged[name], tensor.bfloat16().float()), name
-    assert (checkpoint / "tokenizer.json").is_file() and not checkpoint.with_name("checkpoint.tmp").exists()
+    assert (checkpoint / "tokenizer.json").is_file() and not list(checkpoint.parent.glob(".checkpoint.*.tmp"))  # no staging left
     history = [json.loads(line) for line in files.history.read_text(encoding="utf-8").splitlines()]
     assert [(row["step"], row["reward/score"], row["global_step"]) for row in history] == [(1, 0.25, 1), (2, 0.5, 2)]
     assert "note" not in history[0]
@@ -706,7 +737,7 @@ def test_train_round_resumes_from_the_last_checkpoint_and_merges_it(finished_rou
 
 
 def test_train_round_refuses_a_freeze_the_actor_never_applied(finished_round: dict) -> None:
-    from ftrl.pipeline import RunContext
+    from ftrl.run_state import RunContext
 
     run_config = compose_run([*finished_round["overrides"], "freeze=mlp_only"])
     ctx = RunContext(cfg=run_config, run_dir=RunDir(finished_round["root"]))
@@ -719,7 +750,7 @@ def test_train_round_refuses_a_freeze_the_actor_never_applied(finished_round: di
 
 
 def test_train_round_needs_gpus(tiny_run: dict) -> None:
-    from ftrl.pipeline import RunContext
+    from ftrl.run_state import RunContext
 
     run_config = compose_run([*tiny_run["overrides"], "resources.n_gpus_per_node=0"])
     with pytest.raises(RuntimeError, match="backend=verl needs GPUs"):

@@ -40,20 +40,23 @@ from typing import TYPE_CHECKING, Any
 import torch
 from safetensors import safe_open
 
-from ftrl.artifacts import write_json
-from ftrl.train.freeze import ATTN_KINDS, MLP_KINDS, MODULE_KINDS, classify_parameter
+from ftrl.artifacts import (  # the file names are re-exported: tests and callers import them from here
+    HEATMAP_PNG,
+    PARAM_DELTA_CSV,
+    SUMMARY_JSON,
+    SUMMARY_TXT,
+    atomic_write,
+    write_json,
+)
+from ftrl.params import ATTN_KINDS, MLP_KINDS, MODULE_KINDS, classify_parameter
 
 if TYPE_CHECKING:
-    from ftrl.pipeline import RunContext
+    from ftrl.run_state import RunContext
 
 log = logging.getLogger(__name__)
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
-PARAM_DELTA_CSV = "param_delta.csv"
-HEATMAP_PNG = "param_delta_heatmap.png"
-SUMMARY_TXT = "summary.txt"
-SUMMARY_JSON = "summary.json"
 CSV_COLUMNS: tuple[str, ...] = ("name", "layer", "module", "numel", "rel_change")
 
 # Values per row block (32 MB in float64): a comparison holds about four such blocks at a time.
@@ -166,7 +169,8 @@ class CheckpointReader:
         shapes: dict[str, tuple[int, ...]] = {}
         for file in sorted(set(self._files.values())):
             with safe_open(str(file), framework="pt") as handle:
-                shapes.update({name: tuple(handle.get_slice(name).get_shape()) for name in handle.keys()
+                names = handle.keys()  # safe_open has keys() but is not iterable
+                shapes.update({name: tuple(handle.get_slice(name).get_shape()) for name in names
                                if self._files.get(name) == file})
         return shapes
 
@@ -299,15 +303,12 @@ def write_param_delta_csv(rows: Sequence[DeltaRow], path: str | os.PathLike) -> 
     digits (``inf`` for a changed all-zero tensor). The squared norms stay in ``summary.json``'s totals.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="", encoding="utf-8") as handle:
+    with atomic_write(path, newline="") as handle:
         writer = csv.writer(handle, lineterminator="\n")
         writer.writerow(CSV_COLUMNS)
         for row in rows:
             writer.writerow([row.name, "" if row.layer is None else row.layer, row.module or "", row.numel,
                              _format_float(row.rel_change)])
-    os.replace(tmp, path)
     return path
 
 
@@ -577,12 +578,14 @@ def analyze_run(ctx: RunContext) -> dict[str, Any]:
     results: dict[str, dict[str, Any]] = {}
     for first, second in pairs:
         results[f"{first}_to_{second}"] = analyze_checkpoints(checkpoints[first], checkpoints[second],
-                                                              out_dir / f"{first}_to_{second}",
+                                                              ctx.run_dir.analysis_comparison_dir(first, second),
                                                               label=f"{first} -> {second}")
-    main_pair = f"{start}_to_{rounds[-1]}" if rounds else f"base_to_{names[-1]}"
+    main_first, main_second = (start, rounds[-1]) if rounds else ("base", names[-1])
+    main_pair = f"{main_first}_to_{main_second}"
+    main_dir = ctx.run_dir.analysis_comparison_dir(main_first, main_second)
     for file_name in (PARAM_DELTA_CSV, HEATMAP_PNG, SUMMARY_TXT, SUMMARY_JSON):
         # The headline comparison is also at the top of analysis/, where the report looks first.
-        (out_dir / file_name).write_bytes((out_dir / main_pair / file_name).read_bytes())
+        (out_dir / file_name).write_bytes((main_dir / file_name).read_bytes())
 
     summary = _headline(main_pair, results[main_pair])
     summary["comparisons"] = sorted(results)

@@ -20,6 +20,8 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from ftrl.artifacts import atomic_path
+
 # The heat-map's columns: these kinds always, in this order; any other kind found is appended.
 HEATMAP_MODULES: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
                                     "down_proj", "norm")
@@ -33,11 +35,9 @@ REWARD_STD_KEY = "reward/score_std"
 
 def _save(figure: Figure, path: str | os.PathLike) -> Path:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
     FigureCanvasAgg(figure)
-    figure.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        figure.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
     return path
 
 

@@ -1,6 +1,6 @@
 """Reference-format record I/O: JSON lines and Parquet readers/writers, record validation, hashing.
 
-Every environment and snapshot file holds records in the FTRL reference schema (DESIGN §2,
+Every environment and snapshot file holds records in the FTRL reference schema (docs/reference.md §2,
 ``ftrl.types.REFERENCE_FIELDS``). This module reads and writes them without losing fields (extra
 keys such as ``gold_calls`` are kept), validates them with errors that name the file, the line
 and the field, and hashes an environment set for run manifests.
@@ -19,6 +19,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from ftrl.artifacts import atomic_path, atomic_write
 from ftrl.config import FilesConfig
 from ftrl.types import REFERENCE_FIELDS, SPLITS
 
@@ -112,62 +113,12 @@ def _json_line(record: Mapping[str, Any], index: int, path: Path) -> str:
         raise RecordError(f"{path}: record {index} cannot be written as JSON: {error}") from None
 
 
-def _tmp_path(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp.{os.getpid()}")
-
-
 def write_jsonl(path: PathLike, records: Iterable[Mapping[str, Any]]) -> Path:
     """Write records as JSON lines atomically (temp file, fsync, rename): readers never see half a file."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_path(path)
-    try:
-        with open(tmp, "w", encoding="utf-8") as handle:
-            handle.writelines(_json_line(record, index, path) for index, record in enumerate(records))
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_write(path, fsync=True) as handle:
+        handle.writelines(_json_line(record, index, path) for index, record in enumerate(records))
     return path
-
-
-def append_jsonl(path: PathLike, records: Iterable[Mapping[str, Any]]) -> int:
-    """Append records and fsync, so an interrupted collection resumes from what is on disk.
-
-    A partial last line left by a crash is removed first (it would otherwise be glued to the next
-    record); a complete last record that merely lacks its newline is kept. Returns records written.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _repair_tail(path)
-    written = 0
-    with open(path, "a", encoding="utf-8") as handle:
-        for index, record in enumerate(records):
-            handle.write(_json_line(record, index, path))
-            written += 1
-        handle.flush()
-        os.fsync(handle.fileno())
-    return written
-
-
-def _repair_tail(path: Path) -> None:
-    if not path.exists() or path.stat().st_size == 0:
-        return
-    with open(path, "rb+") as handle:
-        data = handle.read()
-        if data.endswith(b"\n"):
-            return
-        cut = data.rfind(b"\n") + 1
-        tail = data[cut:]
-        try:
-            json.loads(tail.decode("utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            log.warning("%s: removing a partial last line (%d bytes) before appending", path, len(tail))
-            handle.truncate(cut)
-            return
-        handle.seek(0, os.SEEK_END)
-        handle.write(b"\n")
 
 
 def write_parquet(path: PathLike, records: Sequence[Mapping[str, Any]]) -> Path:
@@ -196,12 +147,8 @@ def write_parquet(path: PathLike, records: Sequence[Mapping[str, Any]]) -> Path:
             raise RecordError(f"{path}: field '{key}' cannot be stored as one Parquet column "
                               f"(its values differ in type across records): {error}") from None
     table = pa.table(arrays) if arrays else pa.table({})
-    tmp = _tmp_path(path)
-    try:
+    with atomic_path(path) as tmp:
         pq.write_table(table, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
 
 
@@ -240,6 +187,74 @@ def _decode_json_field(record: Mapping[str, Any], key: str, where: str, expected
     return value
 
 
+def _check_messages(record: Mapping[str, Any], where: str) -> None:
+    messages = record["messages"]
+    if not isinstance(messages, list) or not messages:
+        raise RecordError(f"{where}: field 'messages' must be a non-empty list of {{role, content}} messages")
+    for index, message in enumerate(messages):
+        if not isinstance(message, Mapping) or "role" not in message or "content" not in message:
+            raise RecordError(f"{where}: messages[{index}] must be an object with 'role' and 'content'")
+        if message["role"] not in ROLES:
+            raise RecordError(f"{where}: messages[{index}].role '{message['role']}' is not one of {list(ROLES)}")
+
+
+def _check_tools(record: Mapping[str, Any], where: str) -> list[str]:
+    """The names of the record's tools, which must be OpenAI function schemas."""
+    tools = _decode_json_field(record, "tools", where, list)
+    tool_names: list[str] = []
+    for index, tool in enumerate(tools):
+        function = tool.get("function") if isinstance(tool, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str) or not function["name"]:
+            raise RecordError(f"{where}: tools[{index}] is not an OpenAI function schema "
+                              f"{{'type': 'function', 'function': {{'name': ..., 'parameters': ...}}}}")
+        if "parameters" in function and not isinstance(function["parameters"], dict):
+            raise RecordError(f"{where}: tools[{index}] ('{function['name']}') parameters must be an object")
+        tool_names.append(function["name"])
+    return tool_names
+
+
+def _check_codes(record: Mapping[str, Any], where: str) -> dict[str, Any]:
+    codes = _decode_json_field(record, "codes", where, dict)
+    for name, source in codes.items():
+        if not isinstance(source, str):
+            raise RecordError(f"{where}: codes['{name}'] must be Python source text, got {type(source).__name__}")
+    return codes
+
+
+def _check_unsolved_set(
+    record: Mapping[str, Any], where: str, tool_names: list[str], codes: Mapping[str, Any]
+) -> None:
+    unsolved_set = _decode_json_field(record, "unsolved_set", where, dict)
+    for name, answers in unsolved_set.items():
+        if name not in tool_names or name not in codes:
+            raise RecordError(f"{where}: unsolved_set key '{name}' is not a tool in tools/codes "
+                              f"(tools: {sorted(tool_names)}, codes: {sorted(codes)})")
+        if not isinstance(answers, list):
+            raise RecordError(f"{where}: unsolved_set['{name}'] must be a list of expected answers")
+
+
+def _check_scalars(record: Mapping[str, Any], where: str) -> None:
+    if record["split"] not in SPLITS:
+        raise RecordError(f"{where}: field 'split' is '{record['split']}'; valid: {list(SPLITS)}")
+    if not isinstance(record["answer"], str):
+        raise RecordError(f"{where}: field 'answer' must be a string, got {type(record['answer']).__name__}")
+    solve_rate = record["solve_rate"]
+    if isinstance(solve_rate, bool) or not isinstance(solve_rate, (int, float)):
+        raise RecordError(f"{where}: field 'solve_rate' must be a number, got {solve_rate!r}")
+
+
+def _check_gold_calls(record: Mapping[str, Any], where: str, tool_names: list[str]) -> None:
+    turns = _decode_json_field(record, "gold_calls", where, list)
+    for turn_index, turn in enumerate(turns):
+        for call in turn if isinstance(turn, list) else [None]:
+            if not isinstance(call, dict) or not isinstance(call.get("arguments"), dict):
+                raise RecordError(f"{where}: gold_calls[{turn_index}] must be a list of "
+                                  "{'name': str, 'arguments': {...}} calls")
+            if call.get("name") not in tool_names:
+                raise RecordError(f"{where}: gold_calls[{turn_index}] calls '{call.get('name')}', "
+                                  f"which is not a tool in tools {sorted(tool_names)}")
+
+
 def validate_record(record: Mapping[str, Any], where: str) -> None:
     """Check one record against the reference schema; raise :class:`RecordError` naming ``where``.
 
@@ -254,58 +269,13 @@ def validate_record(record: Mapping[str, Any], where: str) -> None:
     for key in REFERENCE_FIELDS:
         if key not in record:
             raise RecordError(f"{where}: missing field '{key}' (reference fields: {list(REFERENCE_FIELDS)})")
-
-    messages = record["messages"]
-    if not isinstance(messages, list) or not messages:
-        raise RecordError(f"{where}: field 'messages' must be a non-empty list of {{role, content}} messages")
-    for index, message in enumerate(messages):
-        if not isinstance(message, Mapping) or "role" not in message or "content" not in message:
-            raise RecordError(f"{where}: messages[{index}] must be an object with 'role' and 'content'")
-        if message["role"] not in ROLES:
-            raise RecordError(f"{where}: messages[{index}].role '{message['role']}' is not one of {list(ROLES)}")
-
-    tools = _decode_json_field(record, "tools", where, list)
-    tool_names: list[str] = []
-    for index, tool in enumerate(tools):
-        function = tool.get("function") if isinstance(tool, dict) else None
-        if not isinstance(function, dict) or not isinstance(function.get("name"), str) or not function["name"]:
-            raise RecordError(f"{where}: tools[{index}] is not an OpenAI function schema "
-                              f"{{'type': 'function', 'function': {{'name': ..., 'parameters': ...}}}}")
-        if "parameters" in function and not isinstance(function["parameters"], dict):
-            raise RecordError(f"{where}: tools[{index}] ('{function['name']}') parameters must be an object")
-        tool_names.append(function["name"])
-
-    codes = _decode_json_field(record, "codes", where, dict)
-    for name, source in codes.items():
-        if not isinstance(source, str):
-            raise RecordError(f"{where}: codes['{name}'] must be Python source text, got {type(source).__name__}")
-
-    unsolved_set = _decode_json_field(record, "unsolved_set", where, dict)
-    for name, answers in unsolved_set.items():
-        if name not in tool_names or name not in codes:
-            raise RecordError(f"{where}: unsolved_set key '{name}' is not a tool in tools/codes "
-                              f"(tools: {sorted(tool_names)}, codes: {sorted(codes)})")
-        if not isinstance(answers, list):
-            raise RecordError(f"{where}: unsolved_set['{name}'] must be a list of expected answers")
-
-    if record["split"] not in SPLITS:
-        raise RecordError(f"{where}: field 'split' is '{record['split']}'; valid: {list(SPLITS)}")
-    if not isinstance(record["answer"], str):
-        raise RecordError(f"{where}: field 'answer' must be a string, got {type(record['answer']).__name__}")
-    solve_rate = record["solve_rate"]
-    if isinstance(solve_rate, bool) or not isinstance(solve_rate, (int, float)):
-        raise RecordError(f"{where}: field 'solve_rate' must be a number, got {solve_rate!r}")
-
+    _check_messages(record, where)
+    tool_names = _check_tools(record, where)
+    codes = _check_codes(record, where)
+    _check_unsolved_set(record, where, tool_names, codes)
+    _check_scalars(record, where)
     if "gold_calls" in record:
-        turns = _decode_json_field(record, "gold_calls", where, list)
-        for turn_index, turn in enumerate(turns):
-            for call in turn if isinstance(turn, list) else [None]:
-                if not isinstance(call, dict) or not isinstance(call.get("arguments"), dict):
-                    raise RecordError(f"{where}: gold_calls[{turn_index}] must be a list of "
-                                      "{'name': str, 'arguments': {...}} calls")
-                if call.get("name") not in tool_names:
-                    raise RecordError(f"{where}: gold_calls[{turn_index}] calls '{call.get('name')}', "
-                                      f"which is not a tool in tools {sorted(tool_names)}")
+        _check_gold_calls(record, where, tool_names)
 
 
 # ------------------------------------------------------------------------------ environment sources

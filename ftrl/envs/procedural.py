@@ -12,7 +12,7 @@ calls. The four FTRL scenarios are built from *chains* of look-ups:
 
 Every argument is a number or a short upper-case code that appears literally in the question or in
 an earlier tool output, and every sub-answer is a short code or number, because a ~1M-parameter
-model learns to copy ids but not to resolve entity names (DESIGN §9). The complexity-scaling knobs
+model learns to copy ids but not to resolve entity names (docs/reference.md §9). The complexity-scaling knobs
 of :class:`ftrl.config.ProceduralConfig` change the tools, not the questions: functional
 generalisation (``get_order_info(order_id, field)`` instead of ``get_order_product(order_id)``),
 parameter expansion (a required ``fmt`` and an optional ``verbose``), parameter-type generalisation
@@ -53,12 +53,11 @@ from typing import Any
 from ftrl.config import ConfigError, ProceduralConfig
 from ftrl.envs import sandbox
 from ftrl.envs.verify import answer_verify, apply_tool_results
-from ftrl.registry import unknown_choice_message
-from ftrl.types import SCENARIOS, SPLITS, count_answers
+from ftrl.errors import unknown_choice_message
+from ftrl.types import SCENARIOS, SPLITS, TOOL_ERROR_PREFIX, count_answers, format_tool_error, make_tool_call
 
 log = logging.getLogger(__name__)
 
-ERROR_PREFIX = sandbox.ERROR_TEMPLATE.split("{name}")[0].strip()  # "an error occured when call"
 GATE_TIMEOUT_S = 10.0
 DECOY_ROWS = (2, 3)  # look-up rows per table besides the ones the question needs (min, max)
 
@@ -166,7 +165,7 @@ _VALUE_DRAWS: dict[str, Callable[[random.Random], Any]] = {
 # them (a city code "STR" inside "must be a string") would let a failed call "verify" as a
 # sub-answer, so such draws are redrawn.
 _OUTPUT_WORDS = " ".join(
-    [ERROR_PREFIX, "unknown this tool knows such as must be an integer a string of digits or got list empty",
+    [TOOL_ERROR_PREFIX, "unknown this tool knows such as must be an integer a string of digits or got list empty",
      "valid fields fmt json text verbose true false source table none bool int str dict float",
      "missing required positional argument arguments keyword unexpected takes were given object",
      "is not subscriptable callable has no attribute"]
@@ -633,8 +632,7 @@ def sample_candidate(scenario: str, cfg: ProceduralConfig | _Settings, rng: rand
 
 # ------------------------------------------------------------------------------------------ gate
 def _openai_call(call: Mapping[str, Any], index: int) -> dict[str, Any]:
-    return {"id": f"gate_{index}", "type": "function",
-            "function": {"name": call["name"], "arguments": json.dumps(call["arguments"], ensure_ascii=False)}}
+    return make_tool_call(call["name"], call["arguments"], f"gate_{index}")
 
 
 def _run_jobs(jobs: list[tuple[dict[str, str], list[dict[str, Any]]]], timeout: float) -> list[list[str]]:
@@ -643,7 +641,7 @@ def _run_jobs(jobs: list[tuple[dict[str, str], list[dict[str, Any]]]], timeout: 
 
 
 def _is_error(output: str, name: str) -> bool:
-    return str(output).startswith(sandbox.format_error(name, ""))
+    return str(output).startswith(format_tool_error(name, ""))
 
 
 def gate(candidates: Sequence[Candidate], timeout: float = GATE_TIMEOUT_S) -> list[str | None]:

@@ -3,7 +3,7 @@
 A set lives in ``<envs.sets_dir>/<name>-<hash>/`` (default ``outputs/env_sets``), where ``hash`` is
 :func:`ftrl.envs.io.env_set_hash` of its records, so a changed set is a new version beside the old::
 
-    train.jsonl, test.jsonl   reference records (DESIGN §2), with gold_calls when the builder knows them
+    train.jsonl, test.jsonl   reference records (docs/reference.md §2), with gold_calls when the builder knows them
     manifest.json             name, hash, format, created, source, counts and statistics per split and
                               scenario, plus what the producer adds (the LLM builder: model, endpoint,
                               prompt hashes, knobs, token/cost accounting)
@@ -29,7 +29,6 @@ import math
 import os
 import random
 import re
-import shutil
 import sys
 import time
 from collections import Counter, defaultdict
@@ -38,9 +37,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ftrl.artifacts import atomic_dir, write_json
 from ftrl.envs.io import env_set_hash, read_records, write_jsonl
-from ftrl.registry import did_you_mean
-from ftrl.types import SPLITS, Sample, as_json_obj, count_answers
+from ftrl.errors import did_you_mean
+from ftrl.types import SPLITS, Sample, as_json_obj, count_answers, make_tool_call
 
 log = logging.getLogger(__name__)
 
@@ -163,24 +163,14 @@ def write_set(
         **dict(manifest or {}),
     }
     if not target.exists():
-        tmp = root / f".{target.name}.tmp.{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        for split, rows in splits.items():
-            write_jsonl(tmp / f"{split}.jsonl", rows)
-        try:
-            os.replace(tmp, target)
-        except OSError:  # another process stored the same content meanwhile
-            shutil.rmtree(tmp, ignore_errors=True)
-    _write_json(target / MANIFEST, full)
+        # if_exists="keep": another process may store the same content meanwhile.
+        with atomic_dir(target, if_exists="keep") as tmp:
+            for split, rows in splits.items():
+                write_jsonl(tmp / f"{split}.jsonl", rows)
+    write_json(target / MANIFEST, full)
     if report is not None:
-        _write_json(target / REPORT, report)
+        write_json(target / REPORT, report)
     return EnvSet(target, full)
-
-
-def _write_json(path: Path, payload: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
-    tmp.write_text(json.dumps(payload, indent=2, ensure_ascii=False, default=str) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
 
 
 # ----------------------------------------------------------------------------------- finding
@@ -288,21 +278,8 @@ def _signature(tool: Mapping[str, Any]) -> str:
     return f"{function['name']}({', '.join(params)})"
 
 
-def format_env(
-    record: Mapping[str, Any],
-    *,
-    execute: Callable[[list[tuple[Any, ...]]], list[list[str]]] | None = None,
-    show_codes: bool = True,
-) -> str:
-    """One environment pretty-printed: question, answer, tools, expected sub-answers, gold chain, code.
-
-    With ``execute`` (``[(codes, calls[, context])] -> outputs``), the gold chain is run and each
-    call's output is shown with the sub-answer it solves.
-    """
-    from ftrl.envs.taubench import TurnContext
-    from ftrl.envs.verify import apply_tool_results
-
-    sample = Sample.from_record(record)
+def _summary_lines(sample: Sample) -> list[str]:
+    """Scenario, conversation, answer, tools (distractors marked) and the expected sub-answers."""
     lines = [f"scenario: {sample.data_source}   split: {sample.split}"]
     for message in sample.messages:
         content = str(message.get("content") or "")
@@ -315,45 +292,79 @@ def format_env(
         description = str(tool["function"].get("description", "")).split("\n")[0][:100]
         lines.append(f"  {_signature(tool)}  - {description}{mark}")
     lines.append(f"unsolved_set: {json.dumps(sample.unsolved_set, ensure_ascii=False)[:600]}")
+    return lines
+
+
+def _gold_turn_calls(number: int, turn: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [make_tool_call(c["name"], c["arguments"], f"gold_{number}_{i}") for i, c in enumerate(turn)]
+
+
+def _gold_call_lines(
+    number: int, calls: list[dict[str, Any]], outputs: list[str | None], unsolved: dict[str, list]
+) -> list[str]:
+    """One line per call of a gold turn; executed calls show their output and update ``unsolved``."""
+    from ftrl.envs.verify import apply_tool_results
+
+    lines = []
+    for call, output in zip(calls, outputs):
+        text = f"  turn {number}: {call['function']['name']}({call['function']['arguments']})"
+        if output is not None:
+            before = count_answers(unsolved)
+            apply_tool_results([call], [output], unsolved)
+            solved = "  [solves a sub-answer]" if count_answers(unsolved) < before else ""
+            text += f"\n      -> {output[:300]}{solved}"
+        lines.append(text)
+    return lines
+
+
+def _gold_chain_lines(
+    record: Mapping[str, Any],
+    sample: Sample,
+    gold: Any,
+    execute: Callable[[list[tuple[Any, ...]]], list[list[str]]] | None,
+) -> list[str]:
+    """The gold chain turn by turn; with ``execute``, run against the tools with a growing history."""
+    from ftrl.envs.executor import TurnContext
+
+    turns = as_json_obj(gold)
+    lines = [f"gold chain ({len(turns)} turn(s)):"]
+    unsolved = {k: list(v) for k, v in sample.unsolved_set.items()}
+    history = list(sample.messages)
+    for number, turn in enumerate(turns, start=1):
+        calls = _gold_turn_calls(number, turn)
+        outputs: list[str | None] = [None] * len(calls)
+        if execute is not None:
+            outputs = list(execute([(sample.codes, calls, TurnContext(record, history))])[0])
+            history = (
+                history
+                + [{"role": "assistant", "content": "", "tool_calls": calls}]
+                + [
+                    {"role": "tool", "content": o, "tool_call_id": c["id"]}
+                    for c, o in zip(calls, outputs)
+                ]
+            )
+        lines.extend(_gold_call_lines(number, calls, outputs, unsolved))
+    if execute is not None:
+        lines.append(f"  unsolved after the gold chain: {count_answers(unsolved)}")
+    return lines
+
+
+def format_env(
+    record: Mapping[str, Any],
+    *,
+    execute: Callable[[list[tuple[Any, ...]]], list[list[str]]] | None = None,
+    show_codes: bool = True,
+) -> str:
+    """One environment pretty-printed: question, answer, tools, expected sub-answers, gold chain, code.
+
+    With ``execute`` (``[(codes, calls[, context])] -> outputs``), the gold chain is run and each
+    call's output is shown with the sub-answer it solves.
+    """
+    sample = Sample.from_record(record)
+    lines = _summary_lines(sample)
     gold = sample.extra.get("gold_calls")
     if gold is not None:
-        turns = as_json_obj(gold)
-        lines.append(f"gold chain ({len(turns)} turn(s)):")
-        unsolved = {k: list(v) for k, v in sample.unsolved_set.items()}
-        history = list(sample.messages)
-        for number, turn in enumerate(turns, start=1):
-            calls = [
-                {
-                    "id": f"gold_{number}_{i}",
-                    "type": "function",
-                    "function": {
-                        "name": c["name"],
-                        "arguments": json.dumps(c["arguments"], ensure_ascii=False),
-                    },
-                }
-                for i, c in enumerate(turn)
-            ]
-            outputs: list[str | None] = [None] * len(calls)
-            if execute is not None:
-                outputs = list(execute([(sample.codes, calls, TurnContext(record, history))])[0])
-                history = (
-                    history
-                    + [{"role": "assistant", "content": "", "tool_calls": calls}]
-                    + [
-                        {"role": "tool", "content": o, "tool_call_id": c["id"]}
-                        for c, o in zip(calls, outputs)
-                    ]
-                )
-            for call, output in zip(calls, outputs):
-                text = f"  turn {number}: {call['function']['name']}({call['function']['arguments']})"
-                if output is not None:
-                    before = count_answers(unsolved)
-                    apply_tool_results([call], [output], unsolved)
-                    solved = "  [solves a sub-answer]" if count_answers(unsolved) < before else ""
-                    text += f"\n      -> {output[:300]}{solved}"
-                lines.append(text)
-        if execute is not None:
-            lines.append(f"  unsolved after the gold chain: {count_answers(unsolved)}")
+        lines.extend(_gold_chain_lines(record, sample, gold, execute))
     if show_codes:
         lines.append("codes:")
         for name, source in sample.codes.items():
@@ -373,7 +384,7 @@ def _print_list(sets_dir: str) -> None:
         counts = env_set.manifest.get("counts", {})
         sizes = [sum(counts.get(split, {}).values()) for split in SPLITS]
         print(
-            f"{env_set.ref:40s} {str(env_set.manifest.get('source', '?')):10s} {sizes[0]:6d} {sizes[1]:6d}  "
+            f"{env_set.ref:40s} {env_set.manifest.get('source', '?')!s:10s} {sizes[0]:6d} {sizes[1]:6d}  "
             f"{env_set.manifest.get('created', '?')}"
         )
 
@@ -399,7 +410,7 @@ def _print_show(args: argparse.Namespace) -> None:
     print(f"\n[{args.split} #{args.index} of {len(rows)}]")
     execute = None
     if not args.no_run:
-        from ftrl.envs.taubench import StatefulExecutor
+        from ftrl.envs.executor import StatefulExecutor
 
         execute = StatefulExecutor(data_dir=args.data_dir)
     print(format_env(rows[args.index], execute=execute, show_codes=not args.no_codes))

@@ -1,5 +1,7 @@
 """Environment sources by name (``envs.name``): each turns the run config into train/test records.
 
+The ``llm`` source lives with the builder (``ftrl.builder.env_source``): it drives LLM engines, a layer above ``envs``.
+
     python -m ftrl.run stages=[build_envs] envs=procedural
 """
 
@@ -22,13 +24,6 @@ def ftrl_files(cfg: RunConfig) -> Records:
     from ftrl.envs.io import load_ftrl_files
 
     return load_ftrl_files(cfg.envs.files)
-
-
-def llm(cfg: RunConfig) -> Records:
-    """Build (or replay from the cache) an env set with the LLM builder; stored under envs.sets_dir too."""
-    from ftrl.envs.build import build_env_set
-
-    return build_env_set(cfg.envs.llm, sets_dir=cfg.envs.sets_dir).as_env_records()
 
 
 def env_set(cfg: RunConfig) -> Records:

@@ -16,21 +16,11 @@ consequential call in the same state); ``answer`` = the task's expected outputs 
 ``data_source`` = ``tau-bench/<domain>``; and one extra field, ``state`` (a JSON string):
 ``{"family": "taubench", "domain", "db_sha256"[, "db"]}``.
 
-State across turns: tool functions receive the database as ``data`` and mutate it. Records must
-stay self-contained and the reward is computed per snapshot, possibly out of order and in another
-process, so state is *derived, not kept*: :class:`StatefulExecutor` runs a turn's calls after
-replaying every earlier call of the episode (read from the history in the snapshot's messages) on a
-fresh copy of the database, all in one sandbox job (the sandbox runs a job's calls in order on one
-worker, sharing one copy of ``extra_kwargs``). The tools are deterministic, so the replay rebuilds
-exactly the state the earlier turns saw (the executor checks the replayed outputs against the
-history and warns on a difference); two episodes never share a copy, and a crashed worker loses
-nothing. The alternative, a per-episode session pinned to one sandbox worker, would keep mutable
-state outside the records, could not score a snapshot out of order, and would need crash recovery.
-The cost is re-running earlier calls (tau-bench tools are dictionary look-ups) and sending the
-database to the worker once per turn (pickled, ~2-5 MB).
-
-The database is found by ``db_sha256`` in the data directory (and must hash the same, or the
-executor refuses), or travels inside the record with ``envs.taubench.embed_db=true``.
+State across turns: tool functions receive the database as ``data`` and mutate it; the state is
+rebuilt for every turn by replaying the episode's earlier calls on a fresh copy of the database
+(:class:`ftrl.envs.executor.StatefulExecutor`, which reads ``state`` and finds the database by
+``db_sha256`` in the data directory, or inside the record with ``envs.taubench.embed_db=true``).
+This module only imports: it loads domains and turns tasks into records.
 
     FTRL_DATA_DIR=/path/to/data python -m ftrl.run stages=[build_envs] envs=taubench
     FTRL_DATA_DIR=/path/to/data python -m ftrl.envs.taubench --domain retail --max-tasks 3
@@ -47,7 +37,6 @@ import logging
 import os
 import random
 import sys
-import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,14 +44,13 @@ from typing import Any
 
 from ftrl.config import TauBenchConfig
 from ftrl.envs import sandbox as sandbox_module
-from ftrl.types import as_json_obj
+from ftrl.envs.executor import FAMILY, STATE_FIELD
+from ftrl.types import is_tool_error, make_tool_call
 
 log = logging.getLogger(__name__)
 
 TAU_SUBDIR = "tau-bench"
 DOMAINS: tuple[str, ...] = ("airline", "retail")
-STATE_FIELD = "state"
-FAMILY = "taubench"
 _NOT_TABLES = {"tools.json", "codes.json"}
 
 
@@ -123,147 +111,6 @@ def load_domain(root: Path, name: str) -> Domain:
     return Domain(name, tools, codes, db, wiki, db_digest(db))
 
 
-# ------------------------------------------------------------------------------------ execution
-@dataclass(frozen=True)
-class TurnContext:
-    """The episode a turn's calls belong to: its record (for ``state``) and the messages before the turn."""
-
-    record: Mapping[str, Any]
-    history: Sequence[Mapping[str, Any]]
-
-
-def record_state(record: Mapping[str, Any]) -> dict[str, Any] | None:
-    """The decoded ``state`` field, or None for a stateless environment."""
-    if STATE_FIELD not in record or record[STATE_FIELD] in (None, ""):
-        return None
-    state = as_json_obj(record[STATE_FIELD])
-    if not isinstance(state, dict) or state.get("family") != FAMILY:
-        raise ValueError(
-            f"record field '{STATE_FIELD}' must be {{'family': '{FAMILY}', 'domain', 'db_sha256'}}, "
-            f"got {str(state)[:200]}"
-        )
-    return state
-
-
-def replayed_calls(history: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """Every tool call the episode made before this turn, in order."""
-    return [
-        call
-        for message in history
-        if message.get("role") == "assistant"
-        for call in (message.get("tool_calls") or [])
-    ]
-
-
-class DatabaseStore:
-    """Initial databases by (domain, hash): from the record itself, or the data directory (verified)."""
-
-    def __init__(self, data_dir: str | os.PathLike | None = None) -> None:
-        self.data_dir = data_dir
-        self._lock = threading.Lock()
-
-    def get(self, state: Mapping[str, Any]) -> dict[str, Any]:
-        if "db" in state:
-            return state["db"]
-        domain = state.get("domain")
-        with self._lock:
-            loaded = load_domain(resolve_data_dir(self.data_dir), str(domain))
-        if loaded.db_sha256 != state.get("db_sha256"):
-            raise ValueError(
-                f"tau-bench '{domain}': the database in the data directory hashes {loaded.db_sha256}, "
-                f"but this environment was built on {state.get('db_sha256')}; point "
-                "envs.taubench.data_dir / FTRL_DATA_DIR at the same data or rebuild the environments"
-            )
-        return loaded.db
-
-
-class StatefulExecutor:
-    """Runs turns of tool calls; stateful environments get their state rebuilt by replaying the history.
-
-    ``jobs[i]`` is ``(codes, tool_calls)`` (stateless, passed to the sandbox as is) or ``(codes,
-    tool_calls, TurnContext)``; a context whose record has no ``state`` is stateless too. Returns
-    one output list per job, like ``Sandbox.map_calls``.
-    """
-
-    def __init__(
-        self,
-        sandbox: Any = None,
-        timeout: float | None = None,
-        data_dir: str | os.PathLike | None = None,
-        check_replay: bool = True,
-    ) -> None:
-        self.sandbox = sandbox
-        self.timeout = timeout
-        self.databases = DatabaseStore(data_dir)
-        self.check_replay = check_replay
-        self.replay_mismatches = 0
-
-    def __call__(self, jobs: Sequence[tuple[Any, ...]]) -> list[list[str]]:
-        box = self.sandbox or sandbox_module.get_sandbox()
-        prepared = []
-        skips = []  # how many leading outputs of each job belong to the replay
-        for index, job in enumerate(jobs):
-            codes, calls = job[0], list(job[1])
-            context = job[2] if len(job) > 2 else None
-            if context is not None and not isinstance(context, TurnContext):
-                raise TypeError(
-                    f"jobs[{index}]: the third element must be a TurnContext, got {type(context).__name__}"
-                )
-            state = record_state(context.record) if context is not None else None
-            if state is None:
-                prepared.append((codes, calls))
-                skips.append(0)
-                continue
-            replay = replayed_calls(context.history)
-            prepared.append((codes, replay + calls, {"data": self.databases.get(state)}))
-            skips.append(len(replay))
-        results = box.map_calls(prepared, self.timeout)
-        outputs = []
-        for job, skip, result in zip(jobs, skips, results):
-            if skip and self.check_replay:
-                self._check(job[2].history, result[:skip])
-            outputs.append(result[skip:])
-        return outputs
-
-    def _check(self, history: Sequence[Mapping[str, Any]], replayed: list[str]) -> None:
-        recorded = {m.get("tool_call_id"): m.get("content") for m in history if m.get("role") == "tool"}
-        calls = replayed_calls(history)
-        for call, output in zip(calls, replayed):
-            expected = recorded.get(call.get("id"))
-            if expected is not None and expected != output:
-                self.replay_mismatches += 1
-                if self.replay_mismatches == 1:
-                    log.warning(
-                        "state replay: call %s returned %r now but %r in the episode; the tool is not "
-                        "deterministic, so later turns may see another state",
-                        call.get("function", {}).get("name"),
-                        output[:120],
-                        str(expected)[:120],
-                    )
-                return
-
-
-def run_stateful_calls(
-    sample: Mapping[str, Any],
-    tool_calls: Sequence[Mapping[str, Any]],
-    timeout: float | None = None,
-    data_dir: str | os.PathLike | None = None,
-) -> list[str]:
-    """One turn's outputs for a snapshot record (its ``messages`` are the history): for the reward."""
-    messages = as_json_obj(sample["messages"])
-    codes = as_json_obj(sample["codes"])
-    return StatefulExecutor(timeout=timeout, data_dir=data_dir)(
-        [(codes, list(tool_calls), TurnContext(sample, messages))]
-    )[0]
-
-
-def executor_from_config(cfg: Any) -> StatefulExecutor:
-    """The run's executor: the shared sandbox, ``reward.tool_timeout_s``, tau-bench data from the config."""
-    box = sandbox_module.get_sandbox(workers=cfg.resources.sandbox_workers)
-    data_dir = cfg.envs.taubench.data_dir or getattr(cfg.eval, "data_dir", None)
-    return StatefulExecutor(box, timeout=cfg.reward.tool_timeout_s, data_dir=data_dir)
-
-
 # ------------------------------------------------------------------------------------ import
 @dataclass
 class ImportReport:
@@ -281,22 +128,14 @@ class ImportReport:
 
 
 def _split_of(instruction: str, test_fraction: float, seed: int) -> str:
-    digest = hashlib.sha256(f"{seed}:{instruction}".encode("utf-8")).digest()
+    digest = hashlib.sha256(f"{seed}:{instruction}".encode()).digest()
     return "test" if int.from_bytes(digest[:8], "big") / 2**64 < test_fraction else "train"
 
 
-def build_taubench_envs(
-    cfg: TauBenchConfig,
-    *,
-    timeout: float = 10.0,
-) -> tuple[dict[str, list[dict[str, Any]]], ImportReport]:
-    """Reference records of the tasks of ``cfg.domains`` (``{"train": [...], "test": [...]}``), a report."""
-    root = resolve_data_dir(cfg.data_dir)
-    tasks_path = root / TAU_SUBDIR / "tasks.jsonl"
-    if not tasks_path.is_file():
-        raise FileNotFoundError(f"tau-bench data: missing {tasks_path}")
-    domains = {name: load_domain(root, name) for name in cfg.domains}
-    report = ImportReport()
+def _gold_calls(
+    tasks_path: Path, domains: Mapping[str, Domain], max_tasks: int | None, report: ImportReport
+) -> list[tuple[dict[str, Any], Domain, list[dict[str, Any]]]]:
+    """``(task, domain, gold calls)`` of each usable task of ``domains`` (up to ``max_tasks``), counted."""
     pending = []
     for line_number, line in enumerate(tasks_path.read_text(encoding="utf-8").splitlines(), start=1):
         if not line.strip():
@@ -305,7 +144,7 @@ def build_taubench_envs(
         domain_name = str(task.get("data_source", "")).rpartition("/")[2]
         if domain_name not in domains:
             continue
-        if cfg.max_tasks is not None and report.tasks >= cfg.max_tasks:
+        if max_tasks is not None and report.tasks >= max_tasks:
             break
         report.tasks += 1
         domain = domains[domain_name]
@@ -323,53 +162,70 @@ def build_taubench_envs(
             )
             continue
         calls = [
-            {
-                "id": f"gold_{i}",
-                "type": "function",
-                "function": {"name": a["function"]["name"], "arguments": a["function"]["arguments"]},
-            }
+            make_tool_call(a["function"]["name"], a["function"]["arguments"], f"gold_{i}")
             for i, a in enumerate(actions)
         ]
         pending.append((task, domain, calls))
+    return pending
+
+
+def _task_record(
+    cfg: TauBenchConfig, task: Mapping[str, Any], domain: Domain, calls: list[dict[str, Any]], outputs: list[str]
+) -> dict[str, Any]:
+    """The reference record of one task whose gold calls returned ``outputs`` (replayed in order)."""
+    unsolved: dict[str, list[str]] = {}
+    for call, output in zip(calls, outputs):
+        unsolved.setdefault(call["function"]["name"], []).append(output)
+    state: dict[str, Any] = {"family": FAMILY, "domain": domain.name, "db_sha256": domain.db_sha256}
+    if cfg.embed_db:
+        state["db"] = domain.db
+    messages = [{"role": "system", "content": domain.wiki}] if cfg.include_policy and domain.wiki else []
+    messages.append({"role": "user", "content": task["instruction"]})
+    split = _split_of(task["instruction"], cfg.test_fraction, cfg.seed)
+    return {
+        "messages": messages,
+        "tools": json.dumps(domain.tools, ensure_ascii=False),
+        "codes": json.dumps(domain.codes, ensure_ascii=False),
+        "unsolved_set": json.dumps(unsolved, ensure_ascii=False),
+        "solve_rate": 0.0,
+        "answer": ", ".join(str(o) for o in task.get("outputs") or []),
+        "data_source": f"tau-bench/{domain.name}",
+        "split": split,
+        "gold_calls": json.dumps(
+            [
+                [{"name": c["function"]["name"], "arguments": json.loads(c["function"]["arguments"])}]
+                for c in calls
+            ],
+            ensure_ascii=False,
+        ),
+        STATE_FIELD: json.dumps(state, ensure_ascii=False),
+    }
+
+
+def build_taubench_envs(
+    cfg: TauBenchConfig,
+    *,
+    timeout: float = 10.0,
+) -> tuple[dict[str, list[dict[str, Any]]], ImportReport]:
+    """Reference records of the tasks of ``cfg.domains`` (``{"train": [...], "test": [...]}``), a report."""
+    root = resolve_data_dir(cfg.data_dir)
+    tasks_path = root / TAU_SUBDIR / "tasks.jsonl"
+    if not tasks_path.is_file():
+        raise FileNotFoundError(f"tau-bench data: missing {tasks_path}")
+    domains = {name: load_domain(root, name) for name in cfg.domains}
+    report = ImportReport()
+    pending = _gold_calls(tasks_path, domains, cfg.max_tasks, report)
     box = sandbox_module.get_sandbox()
     results = box.map_calls(
         [(domain.codes, calls, {"data": domain.db}) for _, domain, calls in pending], timeout
     )
     records: dict[str, list[dict[str, Any]]] = {"train": [], "test": []}
-    error_prefix = sandbox_module.format_error("", "").split(":")[0].strip()
     for (task, domain, calls), outputs in zip(pending, results):
-        if any(output.startswith(error_prefix) for output in outputs):
+        if any(is_tool_error(output) for output in outputs):
             report.gold_error += 1
             continue
-        unsolved: dict[str, list[str]] = {}
-        for call, output in zip(calls, outputs):
-            unsolved.setdefault(call["function"]["name"], []).append(output)
-        state: dict[str, Any] = {"family": FAMILY, "domain": domain.name, "db_sha256": domain.db_sha256}
-        if cfg.embed_db:
-            state["db"] = domain.db
-        messages = [{"role": "system", "content": domain.wiki}] if cfg.include_policy and domain.wiki else []
-        messages.append({"role": "user", "content": task["instruction"]})
-        split = _split_of(task["instruction"], cfg.test_fraction, cfg.seed)
-        records[split].append(
-            {
-                "messages": messages,
-                "tools": json.dumps(domain.tools, ensure_ascii=False),
-                "codes": json.dumps(domain.codes, ensure_ascii=False),
-                "unsolved_set": json.dumps(unsolved, ensure_ascii=False),
-                "solve_rate": 0.0,
-                "answer": ", ".join(str(o) for o in task.get("outputs") or []),
-                "data_source": f"tau-bench/{domain.name}",
-                "split": split,
-                "gold_calls": json.dumps(
-                    [
-                        [{"name": c["function"]["name"], "arguments": json.loads(c["function"]["arguments"])}]
-                        for c in calls
-                    ],
-                    ensure_ascii=False,
-                ),
-                STATE_FIELD: json.dumps(state, ensure_ascii=False),
-            }
-        )
+        record = _task_record(cfg, task, domain, calls, outputs)
+        records[record["split"]].append(record)
         report.kept += 1
     random.Random(cfg.seed).shuffle(records["train"])
     return records, report

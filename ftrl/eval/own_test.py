@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 from ftrl.collect import Episode, EpisodeLog, run_episodes
+from ftrl.run_state import RunContext
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +84,7 @@ def evaluate_own_test(
     return aggregate_by_scenario(rows)
 
 
-def ftrl_test(ctx: Any, engine: Any, checkpoint: str) -> dict[str, float]:
+def ftrl_test(ctx: RunContext, engine: Any, checkpoint: str) -> dict[str, float]:
     """Benchmark entry (``eval.benchmarks: [ftrl_test]``): the run's own test split."""
     from ftrl.collect import executor_from_config, parser_from_config
     from ftrl.envs.io import read_records

@@ -27,12 +27,13 @@ import datetime
 import functools
 import json
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from hashlib import sha256
 from typing import Any
 
-from ftrl.registry import PARSERS, unknown_choice_message
-from ftrl.types import Message, ToolCall
+from ftrl.errors import unknown_choice_message
+from ftrl.registry import PARSERS
+from ftrl.types import Message, ToolCall, make_tool_call
 
 COMPAT_MODES: tuple[str, ...] = ("ftrl", "fixed")
 
@@ -110,11 +111,8 @@ def _unique_call_id() -> str:
 
 
 def _tool_call(name: Any, arguments: Any, call_id: str) -> ToolCall:
-    return {
-        "id": call_id,
-        "type": "function",
-        "function": {"name": name, "arguments": json.dumps(arguments, ensure_ascii=False)},
-    }
+    # Always encoded here: a decoded value that is itself a string stays a JSON string literal.
+    return make_tool_call(name, json.dumps(arguments, ensure_ascii=False), call_id)
 
 
 def _message(content: str, tool_calls: list[ToolCall] | None, thinking: str | None = None) -> Message:
@@ -237,6 +235,30 @@ def parse_qwen(text: str, compat: str = "ftrl", one_tool_only: bool = False) -> 
     if compat == "ftrl":
         return _parse_qwen_ftrl(text, one_tool_only)
     return _parse_qwen_fixed(text, one_tool_only)
+
+
+def format_qwen_tool_calls(tool_calls: Sequence[Mapping[str, Any]]) -> str:
+    """Qwen/Hermes text of ``tool_calls``, the inverse of :func:`parse_qwen`.
+
+    Identical to what ``ftrl/assets/chat_template.jinja`` renders for an assistant turn's calls:
+    ``<tool_call>\\n{"name": .., "arguments": ..}\\n</tool_call>`` per call, one newline between
+    blocks. A call is the reference shape ``{"function": {"name", "arguments"}}`` or a bare
+    ``{"name", "arguments"}``; arguments given as a string are written verbatim, None as ``{}``,
+    anything else JSON-encoded with non-ASCII kept (the template's ``tojson``).
+    """
+    blocks = []
+    for call in tool_calls:
+        function = call.get("function", call)
+        arguments = function.get("arguments")
+        if arguments is None:
+            encoded = "{}"
+        elif isinstance(arguments, str):
+            encoded = arguments
+        else:
+            encoded = json.dumps(arguments, ensure_ascii=False)
+        name = json.dumps(function.get("name"), ensure_ascii=False)
+        blocks.append(f'{TOOL_CALL_OPEN}\n{{"name": {name}, "arguments": {encoded}}}\n{TOOL_CALL_CLOSE}')
+    return "\n".join(blocks)
 
 
 # --------------------------------------------------------------------------- Llama 3.1

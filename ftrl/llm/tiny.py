@@ -7,7 +7,7 @@ No machine here reaches the Hugging Face hub, so the default run builds its base
   digits and newlines and leaves everything between them as one chunk, so an argument such as
   ``Paris`` or ``2023`` is the same token(s) in the question, the tool call and the tool output,
   while templated glue (``", "arguments": {"``) merges into few tokens: prompts come out ~4x shorter
-  than with Qwen's regex (DESIGN §9). ``<|im_start|>``, ``<|im_end|>`` (eos) and ``<|endoftext|>``
+  than with Qwen's regex (docs/reference.md §9). ``<|im_start|>``, ``<|im_end|>`` (eos) and ``<|endoftext|>``
   (pad) are special; the tool and thought tags are single tokens that decoding keeps, as in Qwen.
   Names and ids of the environment set (:func:`atomic_words_from_records`: tool and parameter names,
   argument values, sub-answers) are added as single tokens, so choosing a tool or passing an id
@@ -30,24 +30,26 @@ import argparse
 import dataclasses
 import json
 import logging
-import os
 import random
 import re
-import shutil
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import transformers
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import GenerationConfig, PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
 
+from ftrl.artifacts import atomic_dir
 from ftrl.config import TinyModelConfig
 from ftrl.llm.chat_template import END_OF_TEXT, IM_END, IM_START, TOOL_TAGS, chat_template, render_chat
 from ftrl.llm.models import count_parameters, load_model_and_tokenizer
-from ftrl.types import as_json_obj
+from ftrl.types import TOOL_ERROR_PREFIX, as_json_obj, make_tool_call
+
+if TYPE_CHECKING:
+    from ftrl.run_state import RunContext
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +66,6 @@ REQUIRED_FILES: tuple[str, ...] = (
     "tokenizer.json",
     "tokenizer_config.json",
 )
-TOOL_ERROR_PREFIX = "an error occured when call"  # the reference's tool-error text (its spelling)
 
 
 # ----------------------------------------------------------------------------------------- tokenizer
@@ -141,8 +142,8 @@ def _unmark_tool_tags(backend: Tokenizer) -> Tokenizer:
 
 
 # ----------------------------------------------------------------------------------------- corpus
-def _builtin_conversations() -> list[tuple[list[dict], list[dict]]]:
-    """A few deterministic tool-use conversations (messages, tools) in the reference format."""
+def _builtin_tools() -> tuple[dict, dict]:
+    """The two tool schemas of the built-in conversations: get_weather and get_population."""
     weather_tool = {
         "type": "function",
         "function": {
@@ -173,51 +174,47 @@ def _builtin_conversations() -> list[tuple[list[dict], list[dict]]]:
             },
         },
     }
+    return weather_tool, population_tool
+
+
+def _builtin_messages(index: int, city: str, other: str) -> list[dict]:
+    """Conversation ``index``: population of ``city`` and weather in ``other``, both called in one turn."""
+    year = 1990 + 7 * index
+    population = str(100000 + 12345 * (index + 1))
+    date = f"2024-0{1 + index % 9}-1{index}"
+    return [
+        {
+            "role": "user",
+            "content": f"What was the population of {city} in {year}, and the weather in "
+            f"{other} on {date}?",
+        },
+        {
+            "role": "assistant",
+            "content": "",
+            "tool_calls": [
+                make_tool_call("get_population", {"city": city, "year": year}, f"call_{index}_0"),
+                make_tool_call("get_weather", {"city": other, "date": date}, f"call_{index}_1"),
+            ],
+        },
+        {"role": "tool", "content": population, "tool_call_id": f"call_{index}_0"},
+        {"role": "tool", "content": "sunny" if index % 2 else "rain", "tool_call_id": f"call_{index}_1"},
+        {
+            "role": "assistant",
+            "content": f"{city} had {population} people in {year}; {other} will see "
+            f"{'sunny' if index % 2 else 'rain'}.",
+            "tool_calls": None,
+        },
+    ]
+
+
+def _builtin_conversations() -> list[tuple[list[dict], list[dict]]]:
+    """A few deterministic tool-use conversations (messages, tools) in the reference format."""
+    weather_tool, population_tool = _builtin_tools()
     cities = ["Paris", "Rome", "Berlin", "Madrid", "Lisbon", "Vienna", "Prague", "Oslo"]
     conversations: list[tuple[list[dict], list[dict]]] = []
     for index, city in enumerate(cities):
         other = cities[(index + 3) % len(cities)]
-        year = 1990 + 7 * index
-        population = str(100000 + 12345 * (index + 1))
-        date = f"2024-0{1 + index % 9}-1{index}"
-        messages = [
-            {
-                "role": "user",
-                "content": f"What was the population of {city} in {year}, and the weather in "
-                f"{other} on {date}?",
-            },
-            {
-                "role": "assistant",
-                "content": "",
-                "tool_calls": [
-                    {
-                        "id": f"call_{index}_0",
-                        "type": "function",
-                        "function": {
-                            "name": "get_population",
-                            "arguments": json.dumps({"city": city, "year": year}),
-                        },
-                    },
-                    {
-                        "id": f"call_{index}_1",
-                        "type": "function",
-                        "function": {
-                            "name": "get_weather",
-                            "arguments": json.dumps({"city": other, "date": date}),
-                        },
-                    },
-                ],
-            },
-            {"role": "tool", "content": population, "tool_call_id": f"call_{index}_0"},
-            {"role": "tool", "content": "sunny" if index % 2 else "rain", "tool_call_id": f"call_{index}_1"},
-            {
-                "role": "assistant",
-                "content": f"{city} had {population} people in {year}; {other} will see "
-                f"{'sunny' if index % 2 else 'rain'}.",
-                "tool_calls": None,
-            },
-        ]
-        conversations.append((messages, [weather_tool, population_tool]))
+        conversations.append((_builtin_messages(index, city, other), [weather_tool, population_tool]))
     return conversations
 
 
@@ -289,13 +286,7 @@ def corpus_from_records(records: Iterable[Mapping[str, Any]]) -> list[str]:
                 {
                     "role": "assistant",
                     "content": "",
-                    "tool_calls": [
-                        {
-                            "type": "function",
-                            "function": {"name": call["name"], "arguments": call["arguments"]},
-                        }
-                        for call in turn
-                    ],
+                    "tool_calls": [make_tool_call(call["name"], call["arguments"]) for call in turn],
                 }
                 for turn in turns
             ]
@@ -495,10 +486,8 @@ def create_tiny_base(cfg: TinyModelConfig, corpus: Iterable[str], out_dir: Path,
         tail = losses[-20:]
         log.info("tiny base: copy pretraining %d steps, loss %.2f -> %.2f in %.0f s", len(losses), losses[0],
                  sum(tail) / len(tail), time.time() - started)
-    staging = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)  # left by an earlier, killed build of this process id
-    staging.mkdir()
-    try:
+    # out_dir, if it exists, is empty (checked above): replacing it removes nothing.
+    with atomic_dir(out_dir, if_exists="replace") as staging:
         model.save_pretrained(staging, safe_serialization=True)
         tokenizer.save_pretrained(staging)
         _, total = count_parameters(model)
@@ -510,14 +499,27 @@ def create_tiny_base(cfg: TinyModelConfig, corpus: Iterable[str], out_dir: Path,
             "parameters": total,
         }
         (staging / BUILD_INFO_FILE).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
-        if out_dir.exists():
-            out_dir.rmdir()  # empty (checked above)
-        os.replace(staging, out_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     log.info("tiny base: %s params=%d vocab=%d seed=%d", out_dir, total, len(tokenizer), seed)
     return out_dir
+
+
+def ensure_base_model(ctx: RunContext) -> Path | str:
+    """The configured model, or the tiny model built once for this run from its train environments."""
+    cfg = ctx.cfg
+    if cfg.model.path is not None:
+        return cfg.model.path
+    from ftrl.envs.io import read_records
+
+    out_dir = ctx.run_dir.base_model
+    if "base_model" not in ctx.cache:
+        train_path = ctx.run_dir.envs("train")
+        if not train_path.exists():
+            raise FileNotFoundError(f"{train_path} is missing: the tiny model's tokenizer is fitted to the "
+                                    "train environments, so run the build_envs stage first")
+        records = read_records(train_path)
+        ctx.cache["base_model"] = create_tiny_base(cfg.model.tiny, corpus_from_records(records), out_dir,
+                                                   seed=cfg.seed, atomic_words=atomic_words_from_records(records))
+    return ctx.cache["base_model"]
 
 
 def _warn_if_different(out_dir: Path, cfg: TinyModelConfig, seed: int) -> None:

@@ -15,9 +15,7 @@ import numpy as np
 import torch
 
 from ftrl.config import AlgorithmConfig, TrainConfig
-
-# Our algorithm names -> verl advantage estimators (the registry ``ADV_ESTIMATOR_REGISTRY`` keys).
-ESTIMATORS = {"grpo": "grpo", "reinforce_pp": "reinforce_plus_plus", "ppo": "gae"}
+from ftrl.registry import ADV_ESTIMATORS
 
 
 def verl_actor_config(train: TrainConfig, n: int, mini_batch_sequences: int) -> Any:
@@ -49,6 +47,38 @@ def verl_algo_config(algorithm: AlgorithmConfig) -> Any:
                       norm_adv_by_std_in_grpo=algorithm.norm_adv_by_std_in_grpo)
 
 
+def grpo_advantages(algorithm: AlgorithmConfig, token_level_rewards: torch.Tensor, response_mask: torch.Tensor,
+                    group_index: np.ndarray, values: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """GRPO: each sample's reward minus its group's mean (divided by the group's std when configured)."""
+    from verl.trainer.ppo import core_algos
+
+    return core_algos.compute_grpo_outcome_advantage(
+        token_level_rewards=token_level_rewards, response_mask=response_mask, index=group_index,
+        norm_adv_by_std_in_grpo=algorithm.norm_adv_by_std_in_grpo)
+
+
+def reinforce_pp_advantages(algorithm: AlgorithmConfig, token_level_rewards: torch.Tensor,
+                            response_mask: torch.Tensor, group_index: np.ndarray,
+                            values: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reinforce++: discounted returns whitened over the batch, no critic."""
+    from verl.trainer.ppo import core_algos
+
+    return core_algos.compute_reinforce_plus_plus_outcome_advantage(
+        token_level_rewards=token_level_rewards, response_mask=response_mask, config=verl_algo_config(algorithm))
+
+
+def gae_advantages(algorithm: AlgorithmConfig, token_level_rewards: torch.Tensor, response_mask: torch.Tensor,
+                   group_index: np.ndarray, values: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """PPO's GAE over the critic's values."""
+    from verl.trainer.ppo import core_algos
+
+    if values is None:
+        raise ValueError("algorithm.adv_estimator=gae needs critic values")
+    return core_algos.compute_gae_advantage_return(
+        token_level_rewards=token_level_rewards, values=values, response_mask=response_mask,
+        gamma=algorithm.gamma, lam=algorithm.lam)
+
+
 def compute_advantages(
     algorithm: AlgorithmConfig,
     token_level_rewards: torch.Tensor,
@@ -56,25 +86,13 @@ def compute_advantages(
     group_index: np.ndarray,
     values: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(advantages, returns), each (batch, response_len), from verl's estimator for ``algorithm``."""
-    from verl.trainer.ppo import core_algos
+    """(advantages, returns), each (batch, response_len), from ``algorithm.adv_estimator``.
 
-    estimator = algorithm.adv_estimator
-    if estimator == "grpo":
-        return core_algos.compute_grpo_outcome_advantage(
-            token_level_rewards=token_level_rewards, response_mask=response_mask, index=group_index,
-            norm_adv_by_std_in_grpo=algorithm.norm_adv_by_std_in_grpo)
-    if estimator == "reinforce_plus_plus":
-        return core_algos.compute_reinforce_plus_plus_outcome_advantage(
-            token_level_rewards=token_level_rewards, response_mask=response_mask,
-            config=verl_algo_config(algorithm))
-    if estimator == "gae":
-        if values is None:
-            raise ValueError("algorithm.adv_estimator=gae needs critic values")
-        return core_algos.compute_gae_advantage_return(
-            token_level_rewards=token_level_rewards, values=values, response_mask=response_mask,
-            gamma=algorithm.gamma, lam=algorithm.lam)
-    raise ValueError(f"algorithm.adv_estimator: unknown '{estimator}'; valid: {sorted(ESTIMATORS.values())}")
+    The estimator name is the one the verl backend passes as ``algorithm.adv_estimator`` (the same
+    config key), so both backends train with the same estimator for every option and override.
+    """
+    estimate = ADV_ESTIMATORS.get(algorithm.adv_estimator)
+    return estimate(algorithm, token_level_rewards, response_mask, group_index, values)
 
 
 @dataclass

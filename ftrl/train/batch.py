@@ -9,8 +9,8 @@ and per-token log-probabilities of the response under a model, computed in micro
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Iterator, Sequence
 
 import torch
 
@@ -31,12 +31,12 @@ class TokenBatch:
     def responses(self) -> torch.Tensor:
         return self.input_ids[:, self.prompt_length:]
 
-    def select(self, rows: torch.Tensor | Sequence[int]) -> "TokenBatch":
+    def select(self, rows: torch.Tensor | Sequence[int]) -> TokenBatch:
         rows = torch.as_tensor(rows, dtype=torch.long)
         return TokenBatch(self.input_ids[rows], self.attention_mask[rows], self.position_ids[rows],
                           self.response_mask[rows], self.prompt_length)
 
-    def to(self, device: torch.device) -> "TokenBatch":
+    def to(self, device: torch.device) -> TokenBatch:
         return TokenBatch(self.input_ids.to(device), self.attention_mask.to(device), self.position_ids.to(device),
                           self.response_mask.to(device), self.prompt_length)
 

@@ -10,14 +10,14 @@ RNG, step) is saved every ``train.save_every_steps`` steps and restored on re-ru
 from __future__ import annotations
 
 import logging
-import os
 import random
-import shutil
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+from ftrl.artifacts import atomic_dir, atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -27,14 +27,10 @@ def save_hf_checkpoint(model: Any, tokenizer: Any, out_dir: Path) -> Path:
     from ftrl.train.freeze import merge_lora_for_save
 
     out_dir = Path(out_dir)
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
     plain = merge_lora_for_save(model)
-    plain.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    os.replace(tmp, out_dir)
+    with atomic_dir(out_dir, if_exists="replace") as tmp:
+        plain.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
     return out_dir
 
 
@@ -71,9 +67,8 @@ def save_trainer_state(path: Path, *, step: int, model: torch.nn.Module, optimiz
         "critic_optimizer": critic_optimizer.state_dict() if critic_optimizer is not None else None,
         "extra": extra or {},
     }
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
 
 
 def load_trainer_state(path: Path, *, model: torch.nn.Module, optimizer: Any, scheduler: Any,

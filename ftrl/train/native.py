@@ -20,15 +20,18 @@ import logging
 import math
 import time
 from collections import defaultdict
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ftrl.artifacts import HISTORY_JSONL, TRAINER_STATE_PT
 from ftrl.config import RunConfig
+from ftrl.run_state import RunContext
 from ftrl.train.algorithms import actor_loss, compute_advantages, critic_loss, outcome_rewards, verl_actor_config
 from ftrl.train.batch import TokenBatch, make_token_batch, micro_batches, pad_to, response_logprobs, value_predictions
 
@@ -136,8 +139,8 @@ class NativeTrainer:
         self.scheduler = build_scheduler(self.optimizer, train.lr_scheduler, train.lr_warmup_steps,
                                          max(1, self.total_steps))
         self.actor_config = verl_actor_config(train, train.n, train.mini_batch_prompts * train.n)
-        self.state_path = self.out_dir / "trainer_state.pt"
-        self.history_path = self.out_dir / "history.jsonl"
+        self.state_path = self.out_dir / TRAINER_STATE_PT
+        self.history_path = self.out_dir / HISTORY_JSONL
         self.step = 0
 
     # ---------------------------------------------------------------- data
@@ -395,8 +398,8 @@ def read_history(path: Path) -> list[dict[str, Any]]:
 
 
 # ------------------------------------------------------------------------------------ stage entry
-def train_round(ctx: Any, k: int) -> dict[str, Any]:
-    """``train`` stage for round k on the native backend: train, checkpoint, plot."""
+def train_round(ctx: RunContext, k: int) -> dict[str, Any]:
+    """``train`` stage for round k on the native backend: train and checkpoint."""
     from ftrl.envs.io import read_records
     from ftrl.train.checkpoint import save_hf_checkpoint
 
@@ -404,33 +407,14 @@ def train_round(ctx: Any, k: int) -> dict[str, Any]:
     snapshots_path = rd.snapshots(k)
     if not snapshots_path.exists():
         raise FileNotFoundError(f"{snapshots_path} is missing: the collect stage of round {k} must run first")
-    offset = sum(len(read_history(rd.train_dir(j) / "history.jsonl")) for j in range(1, k))
+    offset = sum(len(read_history(rd.train_history(j))) for j in range(1, k))
     trainer = NativeTrainer(ctx.cfg, ctx.policy_for_round(k), read_records(snapshots_path), rd.train_dir(k),
                             round_k=k, tracker=ctx.tracker, step_offset=offset)
     history = trainer.run()
     save_hf_checkpoint(trainer.model, trainer.tokenizer, rd.checkpoint_dir(f"round{k}"))
     trainer.state_path.unlink(missing_ok=True)  # the finished checkpoint supersedes the resume state
-    plot_run_rewards(ctx)
     first, last = history[0], history[-1]
     log.info("train round %d: %d steps, reward %.3f -> %.3f; %s", k, len(history),
              first["reward/score"], last["reward/score"], trainer.freeze_report.describe())
     return {"steps": len(history), "reward_first": first["reward/score"], "reward_last": last["reward/score"],
             "snapshots": len(trainer.snapshots)}
-
-
-def plot_run_rewards(ctx: Any) -> Path | None:
-    """Reward curve over every finished round of the run (``train_reward_curve.png``)."""
-    from ftrl.analysis.plots import plot_reward_curve
-
-    rows: list[dict[str, Any]] = []
-    k = 1
-    while (ctx.run_dir.train_dir(k) / "history.jsonl").exists():
-        rows += read_history(ctx.run_dir.train_dir(k) / "history.jsonl")
-        k += 1
-    if not rows:
-        return None
-    for row in rows:
-        row["step"] = row.get("global_step", row["step"])
-    path = ctx.run_dir.root / "train_reward_curve.png"
-    plot_reward_curve(rows, path)
-    return path

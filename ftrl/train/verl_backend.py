@@ -30,8 +30,9 @@ loop renders exactly what the native backend renders. Tool-call arguments are st
 JSON string (the form the parser writes); a non-string tool-call name (possible under compat=ftrl)
 is stored as its JSON text.
 
-Algorithm mapping (``algorithm`` -> ``algorithm.adv_estimator``): grpo -> grpo, reinforce_pp ->
-reinforce_plus_plus, ppo -> gae with a critic initialised from the round's policy. The reward is
+Algorithm: verl gets ``algorithm.adv_estimator`` as configured, the key the native trainer reads
+(``ftrl.registry.ALGORITHMS`` gives each option's estimator: grpo -> grpo, reinforce_pp ->
+reinforce_plus_plus, ppo -> gae with a critic initialised from the round's policy). The reward is
 ``ftrl.reward.score_response`` through ``ftrl/train/verl_reward.py``; freeze policies apply inside
 verl's actor before the FSDP wrap through ``ftrl/train/verl_worker.py``.
 
@@ -47,7 +48,6 @@ import math
 import os
 import re
 import shlex
-import shutil
 import subprocess
 import sys
 from collections.abc import Iterator, Mapping, Sequence
@@ -56,9 +56,26 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from ftrl.artifacts import RunDir, write_json
+from ftrl.artifacts import (
+    FREEZE_POLICY_JSON,
+    FREEZE_REPORT_JSON,
+    HISTORY_JSONL,
+    VERL_AGENT_LOOP_YAML,
+    VERL_CHECKPOINTS_DIR,
+    VERL_COMMAND_SH,
+    VERL_HYDRA_DIR,
+    VERL_LOG,
+    VERL_MERGE_LOG,
+    VERL_METRICS_JSONL,
+    VERL_TRAIN_PARQUET,
+    RunDir,
+    atomic_dir,
+    atomic_path,
+    write_json,
+)
 from ftrl.config import RunConfig
-from ftrl.tracking import verl_metrics_to_ftrl
+from ftrl.run_state import RunContext
+from ftrl.tracking import read_verl_metrics_file, verl_metrics_to_ftrl
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +89,6 @@ REWARD_FUNCTION_PATH = "pkg://ftrl.train.verl_reward"
 REWARD_FUNCTION_NAME = "compute_score"
 WORKER_HOOK_MODULE = "ftrl.train.verl_worker"
 FREEZE_FILE_ENV = "FTRL_VERL_FREEZE_FILE"
-ADV_ESTIMATORS: dict[str, str] = {"grpo": "grpo", "reinforce_pp": "reinforce_plus_plus", "ppo": "gae"}
 # The reward metric the native trainer logs as reward/score is verl's critic/score/mean.
 _SNAPSHOT_JSON_FIELDS: tuple[str, ...] = ("tools", "codes", "unsolved_set")
 
@@ -91,47 +107,47 @@ class VerlRoundFiles:
 
     @property
     def data(self) -> Path:
-        return self.train_dir / "verl_train.parquet"
+        return self.train_dir / VERL_TRAIN_PARQUET
 
     @property
     def agent_loops(self) -> Path:
-        return self.train_dir / "agent_loop.yaml"
+        return self.train_dir / VERL_AGENT_LOOP_YAML
 
     @property
     def freeze_policy(self) -> Path:
-        return self.train_dir / "freeze_policy.json"
+        return self.train_dir / FREEZE_POLICY_JSON
 
     @property
     def freeze_report(self) -> Path:
-        return self.train_dir / "freeze_report.json"
+        return self.train_dir / FREEZE_REPORT_JSON
 
     @property
     def checkpoints(self) -> Path:
-        return self.train_dir / "verl_checkpoints"
+        return self.train_dir / VERL_CHECKPOINTS_DIR
 
     @property
     def metrics(self) -> Path:
-        return self.train_dir / "verl_metrics.jsonl"
+        return self.train_dir / VERL_METRICS_JSONL
 
     @property
     def command_script(self) -> Path:
-        return self.train_dir / "verl_command.sh"
+        return self.train_dir / VERL_COMMAND_SH
 
     @property
     def log(self) -> Path:
-        return self.train_dir / "verl.log"
+        return self.train_dir / VERL_LOG
 
     @property
     def merge_log(self) -> Path:
-        return self.train_dir / "merge.log"
+        return self.train_dir / VERL_MERGE_LOG
 
     @property
     def hydra_dir(self) -> Path:
-        return self.train_dir / "verl_hydra"
+        return self.train_dir / VERL_HYDRA_DIR
 
     @property
     def history(self) -> Path:
-        return self.train_dir / "history.jsonl"
+        return self.train_dir / HISTORY_JSONL
 
 
 # ------------------------------------------------------------------------------------ dataset rows
@@ -202,9 +218,8 @@ def write_verl_parquet(path: Path, rows: Sequence[Mapping[str, Any]]) -> Path:
         table = pa.Table.from_pylist(list(rows))
     except (pa.ArrowInvalid, pa.ArrowTypeError) as error:
         raise ValueError(f"{path}: snapshot rows cannot share one Parquet schema: {error}") from None
-    tmp = path.with_name(path.name + ".tmp")
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp)
     return path
 
 
@@ -345,31 +360,25 @@ def planned_steps(cfg: RunConfig, num_prompts: int) -> int:
     return steps
 
 
-def verl_overrides(cfg: RunConfig, run_dir: RunDir | str | os.PathLike, k: int, *,
-                   policy: str | os.PathLike | None = None, num_prompts: int | None = None) -> list[str]:
-    """The verl override list for round ``k`` of ``cfg`` (pure: no file is read or written).
+@dataclass(frozen=True)
+class _RoundPlan:
+    """What every section of a round's verl overrides reads."""
 
-    ``policy`` defaults to the round's starting policy (``RunContext.policy_for_round``);
-    ``num_prompts`` (the snapshot rows) fixes ``trainer.total_training_steps`` exactly, so verl's
-    last step (the one that saves the final checkpoint) is the last step it takes. Without it, only
-    ``train.max_steps_per_round`` caps the steps.
-    """
-    from ftrl.pipeline import RunContext
+    cfg: RunConfig
+    root: RunDir
+    k: int
+    files: VerlRoundFiles
+    policy: str
+    num_prompts: int | None
+    token_budget: int
 
-    root = RunDir(os.path.abspath(run_dir.root if isinstance(run_dir, RunDir) else run_dir))
-    files = VerlRoundFiles.of(root, k)
-    if policy is None:
-        policy = RunContext(cfg=cfg, run_dir=root).policy_for_round(k)
-    policy = os.fspath(policy)
-    if policy.startswith((".", "~")):  # verl runs in another directory: make explicit local paths absolute
-        policy = os.path.abspath(os.path.expanduser(policy))
-    verl, train, algorithm = cfg.backend.verl, cfg.train, cfg.algorithm
-    response_tokens = cfg.max_new_tokens
-    token_budget = verl.ppo_max_token_len_per_gpu or (cfg.mode.max_prompt_tokens + response_tokens)
-    uses_kl = train.use_kl_loss
-    o = _OverrideList()
 
-    # data: the round's snapshots; validation never runs (val_files only has to load)
+def _data_overrides(o: _OverrideList, p: _RoundPlan) -> None:
+    """Data: the round's snapshots; validation never runs (val_files only has to load)."""
+    cfg = p.cfg
+    files = p.files
+    train = p.cfg.train
+    response_tokens = p.cfg.max_new_tokens
     o.set("data.train_files", str(files.data))
     o.set("data.val_files", str(files.data))
     o.set("data.val_max_samples", 1)
@@ -383,7 +392,12 @@ def verl_overrides(cfg: RunConfig, run_dir: RunDir | str | os.PathLike, k: int, 
     o.set("data.seed", cfg.seed)
     o.add("data.apply_chat_template_kwargs.enable_thinking", cfg.mode.enable_thinking)
 
-    # model: the round's starting policy
+
+def _model_overrides(o: _OverrideList, p: _RoundPlan) -> None:
+    """Model: the round's starting policy."""
+    cfg = p.cfg
+    policy = p.policy
+    train = p.cfg.train
     o.set("actor_rollout_ref.model.path", policy)
     o.set("actor_rollout_ref.model.trust_remote_code", cfg.model.trust_remote_code)
     o.set("actor_rollout_ref.model.enable_gradient_checkpointing", train.gradient_checkpointing)
@@ -394,7 +408,14 @@ def verl_overrides(cfg: RunConfig, run_dir: RunDir | str | os.PathLike, k: int, 
         o.set("actor_rollout_ref.model.lora_alpha", cfg.peft.alpha)
         o.set("actor_rollout_ref.model.target_modules", list(cfg.peft.target_modules))
 
-    # actor: loss, batches, optimizer
+
+def _actor_overrides(o: _OverrideList, p: _RoundPlan) -> None:
+    """Actor: loss, batches, optimizer."""
+    cfg = p.cfg
+    verl = p.cfg.backend.verl
+    train = p.cfg.train
+    token_budget = p.token_budget
+    uses_kl = p.cfg.train.use_kl_loss
     actor = "actor_rollout_ref.actor"
     o.set(f"{actor}.strategy", verl.strategy)
     o.set(f"{actor}.ppo_mini_batch_size", train.mini_batch_prompts)
@@ -428,7 +449,13 @@ def verl_overrides(cfg: RunConfig, run_dir: RunDir | str | os.PathLike, k: int, 
         # unless the original parameters are kept.
         o.set(f"{actor}.fsdp_config.use_orig_params", True)
 
-    # rollout: n samples of one next turn per snapshot, from verl's async server
+
+def _rollout_overrides(o: _OverrideList, p: _RoundPlan) -> None:
+    """Rollout: n samples of one next turn per snapshot, from verl's async server."""
+    cfg = p.cfg
+    files = p.files
+    verl = p.cfg.backend.verl
+    train = p.cfg.train
     rollout = "actor_rollout_ref.rollout"
     o.set(f"{rollout}.name", verl.rollout_engine)
     o.set(f"{rollout}.n", train.n)
@@ -441,7 +468,10 @@ def verl_overrides(cfg: RunConfig, run_dir: RunDir | str | os.PathLike, k: int, 
     o.set(f"{rollout}.agent.default_agent_loop", AGENT_NAME)
     o.set(f"{rollout}.agent.num_workers", verl.agent_workers)
 
-    # reward: the native reward function, with the run's variant/compat/parser/timeout bound
+
+def _reward_overrides(o: _OverrideList, p: _RoundPlan) -> None:
+    """Reward: the native reward function, with the run's variant/compat/parser/timeout bound."""
+    cfg = p.cfg
     o.set("reward.reward_manager.name", "naive")
     o.set("reward.custom_reward_function.path", REWARD_FUNCTION_PATH)
     o.set("reward.custom_reward_function.name", REWARD_FUNCTION_NAME)
@@ -451,14 +481,25 @@ def verl_overrides(cfg: RunConfig, run_dir: RunDir | str | os.PathLike, k: int, 
     o.add(f"{reward_kwargs}.parser", cfg.model.parser)
     o.add(f"{reward_kwargs}.timeout", float(cfg.reward.tool_timeout_s))
 
-    # algorithm: advantages; KL only as a loss (never in the reward), as in the paper
-    o.set("algorithm.adv_estimator", ADV_ESTIMATORS[algorithm.name])
+
+def _algorithm_overrides(o: _OverrideList, p: _RoundPlan) -> None:
+    """Algorithm: advantages; KL only as a loss (never in the reward), as in the paper."""
+    algorithm = p.cfg.algorithm
+    o.set("algorithm.adv_estimator", algorithm.adv_estimator)  # the key the native trainer reads too
     o.set("algorithm.gamma", algorithm.gamma)
     o.set("algorithm.lam", algorithm.lam)
     o.set("algorithm.norm_adv_by_std_in_grpo", algorithm.norm_adv_by_std_in_grpo)
     o.set("algorithm.use_kl_in_reward", False)
 
-    # critic (PPO): a value model initialised from the round's policy
+
+def _critic_overrides(o: _OverrideList, p: _RoundPlan) -> None:
+    """Critic (PPO): a value model initialised from the round's policy."""
+    cfg = p.cfg
+    policy = p.policy
+    verl = p.cfg.backend.verl
+    train = p.cfg.train
+    algorithm = p.cfg.algorithm
+    token_budget = p.token_budget
     o.set("critic.enable", algorithm.use_critic)
     if algorithm.use_critic:
         o.set("critic.strategy", verl.strategy)
@@ -475,7 +516,16 @@ def verl_overrides(cfg: RunConfig, run_dir: RunDir | str | os.PathLike, k: int, 
             o.set("critic.ppo_micro_batch_size_per_gpu", train.micro_batch_size)
         o.set("trainer.critic_warmup", algorithm.critic.warmup_steps)
 
-    # trainer: resources, length of the round, checkpoints, logging
+
+def _trainer_overrides(o: _OverrideList, p: _RoundPlan) -> None:
+    """Trainer: resources, length of the round, checkpoints, logging."""
+    cfg = p.cfg
+    files = p.files
+    verl = p.cfg.backend.verl
+    train = p.cfg.train
+    root = p.root
+    k = p.k
+    num_prompts = p.num_prompts
     o.set("trainer.n_gpus_per_node", cfg.resources.n_gpus_per_node)
     o.set("trainer.nnodes", cfg.resources.nnodes)
     o.set("trainer.total_epochs", train.epochs_per_round)
@@ -499,7 +549,33 @@ def verl_overrides(cfg: RunConfig, run_dir: RunDir | str | os.PathLike, k: int, 
     for name, value in worker_env(cfg, root, k).items():
         o.add(f"ray_kwargs.ray_init.runtime_env.env_vars.{name}", value)
 
-    return o.items + list(verl.overrides)
+
+_OVERRIDE_SECTIONS = (_data_overrides, _model_overrides, _actor_overrides, _rollout_overrides, _reward_overrides, _algorithm_overrides, _critic_overrides, _trainer_overrides)
+
+
+def verl_overrides(cfg: RunConfig, run_dir: RunDir | str | os.PathLike, k: int, *,
+                   policy: str | os.PathLike | None = None, num_prompts: int | None = None) -> list[str]:
+    """The verl override list for round ``k`` of ``cfg`` (pure: no file is read or written).
+
+    ``policy`` defaults to the round's starting policy (``RunContext.policy_for_round``);
+    ``num_prompts`` (the snapshot rows) fixes ``trainer.total_training_steps`` exactly, so verl's
+    last step (the one that saves the final checkpoint) is the last step it takes. Without it, only
+    ``train.max_steps_per_round`` caps the steps.
+    """
+    root = RunDir(os.path.abspath(run_dir.root if isinstance(run_dir, RunDir) else run_dir))
+    files = VerlRoundFiles.of(root, k)
+    if policy is None:
+        policy = RunContext(cfg=cfg, run_dir=root).policy_for_round(k)
+    policy = os.fspath(policy)
+    if policy.startswith((".", "~")):  # verl runs in another directory: make explicit local paths absolute
+        policy = os.path.abspath(os.path.expanduser(policy))
+    plan = _RoundPlan(cfg=cfg, root=root, k=k, files=files, policy=policy, num_prompts=num_prompts,
+                      token_budget=cfg.backend.verl.ppo_max_token_len_per_gpu
+                      or (cfg.mode.max_prompt_tokens + cfg.max_new_tokens))
+    o = _OverrideList()
+    for section in _OVERRIDE_SECTIONS:
+        section(o, plan)
+    return o.items + list(cfg.backend.verl.overrides)
 
 
 def python_executable(cfg: RunConfig) -> str:
@@ -515,7 +591,7 @@ def main_ppo_command(cfg: RunConfig, run_dir: RunDir, k: int, overrides: Sequenc
             f"hydra.run.dir={hydra_value(str(files.hydra_dir))}"]
 
 
-def verl_command(ctx: Any, k: int, num_prompts: int | None = None) -> list[str]:
+def verl_command(ctx: RunContext, k: int, num_prompts: int | None = None) -> list[str]:
     """The argv of round k's verl job (``python -m verl.trainer.main_ppo ...``); writes nothing."""
     overrides = verl_overrides(ctx.cfg, ctx.run_dir, k, num_prompts=num_prompts)
     return main_ppo_command(ctx.cfg, ctx.run_dir, k, overrides)
@@ -645,14 +721,11 @@ def merge_checkpoint(python: str, actor_dir: Path, target_dir: Path, log_path: P
                      trust_remote_code: bool = False) -> Path:
     """Merge a verl FSDP actor checkpoint into an HF safetensors directory, atomically."""
     target_dir = Path(target_dir)
-    staging = target_dir.with_name(target_dir.name + ".tmp")
-    shutil.rmtree(staging, ignore_errors=True)
-    _run_logged(merge_command(python, actor_dir, staging, trust_remote_code), log_path, env, "verl.model_merger")
-    if not any(staging.glob("*.safetensors")):
-        raise RuntimeError(f"verl.model_merger wrote no safetensors into {staging}; see {log_path}")
-    if target_dir.exists():
-        shutil.rmtree(target_dir)
-    os.replace(staging, target_dir)
+    with atomic_dir(target_dir, if_exists="replace") as staging:
+        _run_logged(merge_command(python, actor_dir, staging, trust_remote_code), log_path, env,
+                    "verl.model_merger")
+        if not any(staging.glob("*.safetensors")):
+            raise RuntimeError(f"verl.model_merger wrote no safetensors into {staging}; see {log_path}")
     return target_dir
 
 
@@ -662,13 +735,8 @@ def history_rows(metrics_path: Path, k: int, step_offset: int) -> list[dict[str,
     rows: list[dict[str, Any]] = []
     if not Path(metrics_path).is_file():
         return rows
-    for line in Path(metrics_path).read_text(encoding="utf-8").splitlines():
-        if not line.strip():
-            continue
-        entry = json.loads(line)
-        data = verl_metrics_to_ftrl(entry.get("data", {}))
-        step = int(entry["step"])
-        rows.append({"round": k, "step": step, "global_step": step_offset + step, **data})
+    for step, metrics in read_verl_metrics_file(metrics_path):
+        rows.append({"round": k, "step": step, "global_step": step_offset + step, **verl_metrics_to_ftrl(metrics)})
     return rows
 
 
@@ -679,7 +747,7 @@ def _load_tokenizer(policy: str, trust_remote_code: bool) -> Any:
     return AutoTokenizer.from_pretrained(policy, trust_remote_code=trust_remote_code)
 
 
-def prepare_round(ctx: Any, k: int) -> dict[str, Any]:
+def prepare_round(ctx: RunContext, k: int) -> dict[str, Any]:
     """Write round k's dataset, agent-loop file and freeze policy; return the command and its env.
 
     Everything ``train_round`` does before launching verl, so it can be checked without GPUs.
@@ -693,7 +761,7 @@ def prepare_round(ctx: Any, k: int) -> dict[str, Any]:
         raise FileNotFoundError(f"{snapshots_path} is missing: the collect stage of round {k} must run first")
     policy = ctx.policy_for_round(k)
     if Path(str(policy)) == Path(str(rd.base_model)):
-        from ftrl.stages import ensure_base_model
+        from ftrl.llm.tiny import ensure_base_model
 
         ensure_base_model(ctx)
     tokenizer = _load_tokenizer(str(policy), cfg.model.trust_remote_code)
@@ -729,7 +797,7 @@ def prepare_round(ctx: Any, k: int) -> dict[str, Any]:
             "policy": str(policy), "files": files}
 
 
-def train_round(ctx: Any, k: int) -> dict[str, Any]:
+def train_round(ctx: RunContext, k: int) -> dict[str, Any]:
     """``train`` stage for round k on the verl backend: prepare, run verl, merge, record metrics."""
     cfg, rd = ctx.cfg, ctx.run_dir
     gpus = cfg.resources.n_gpus_per_node * cfg.resources.nnodes
@@ -773,9 +841,6 @@ def train_round(ctx: Any, k: int) -> dict[str, Any]:
         for row in history:
             ctx.tracker.log({key: v for key, v in row.items() if isinstance(v, float)}, step=row["global_step"])
     if history and "reward/score" in history[0]:
-        from ftrl.train.native import plot_run_rewards
-
-        plot_run_rewards(ctx)
         info.update(reward_first=history[0]["reward/score"], reward_last=history[-1]["reward/score"])
     log.info("verl round %d: merged step %d into %s", k, step, checkpoint)
     return info

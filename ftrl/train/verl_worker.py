@@ -43,13 +43,15 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from ftrl.config import ConfigError, FreezeConfig
+from ftrl.artifacts import FREEZE_REPORT_JSON, atomic_write_text
+from ftrl.config import FreezeConfig
+from ftrl.errors import ConfigError
 from ftrl.train.freeze import FreezeReport, apply_freeze_policy
 from ftrl.train.verl_backend import FREEZE_FILE_ENV
 
 log = logging.getLogger(__name__)
 
-REPORT_NAME = "freeze_report.json"
+REPORT_NAME = FREEZE_REPORT_JSON
 _PATCH_MARKER = "_ftrl_freeze_hook"
 
 
@@ -91,10 +93,7 @@ def freeze_built_module(module: Any, engine: Any, cfg: FreezeConfig) -> FreezeRe
 
 def _write_report(report: FreezeReport, policy_file: str) -> Path:
     path = Path(policy_file).with_name(REPORT_NAME)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(report.as_dict(), indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    return atomic_write_text(path, json.dumps(report.as_dict(), indent=2) + "\n")
 
 
 def wrap_build_module(original: Callable[[Any], Any]) -> Callable[[Any], Any]:

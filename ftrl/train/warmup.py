@@ -17,14 +17,17 @@ import json
 import logging
 import random
 import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
-from ftrl.types import Sample
+from ftrl.llm.parsers import format_qwen_tool_calls
+from ftrl.run_state import RunContext
+from ftrl.types import Sample, make_tool_call
 
 log = logging.getLogger(__name__)
 
@@ -37,12 +40,9 @@ class WarmupExample:
 
 
 def format_tool_calls(calls: Sequence[Mapping[str, Any]]) -> str:
-    """The text of an assistant turn that makes ``calls`` in the Qwen/Hermes format."""
-    return "\n".join(
-        "<tool_call>\n" + json.dumps({"name": c["name"], "arguments": c["arguments"]}, ensure_ascii=False)
-        + "\n</tool_call>"
-        for c in calls
-    )
+    """The text of an assistant turn that makes ``calls`` (``{"name", "arguments"}``) in the Qwen/Hermes format."""
+    return format_qwen_tool_calls([make_tool_call(c["name"], json.dumps(c["arguments"], ensure_ascii=False))
+                                   for c in calls])
 
 
 def final_answer_text(answer: str) -> str:
@@ -52,7 +52,7 @@ def final_answer_text(answer: str) -> str:
 def gold_examples(records: Sequence[Mapping[str, Any]],
                   execute: Callable[[list[tuple[Any, list[dict]]]], list[list[str]]]) -> list[WarmupExample]:
     """Replay every record's gold chain through the tools; one example per assistant turn."""
-    from ftrl.envs.taubench import TurnContext
+    from ftrl.envs.executor import TurnContext
 
     states = []
     for index, record in enumerate(records):
@@ -71,9 +71,7 @@ def gold_examples(records: Sequence[Mapping[str, Any]],
         for i, (sample, turns, messages) in active:
             calls = turns[turn_no]
             examples.append(WarmupExample(copy.deepcopy(messages), sample.tools, format_tool_calls(calls)))
-            tool_calls = [{"id": f"call_{turn_no}_{j}", "type": "function",
-                           "function": {"name": c["name"], "arguments": json.dumps(c["arguments"], ensure_ascii=False)}}
-                          for j, c in enumerate(calls)]
+            tool_calls = [make_tool_call(c["name"], c["arguments"], f"call_{turn_no}_{j}") for j, c in enumerate(calls)]
             history = copy.deepcopy(messages)
             messages.append({"role": "assistant", "content": "", "tool_calls": tool_calls})
             jobs.append((sample.codes, tool_calls, TurnContext(records[i], history)))
@@ -111,7 +109,7 @@ def sft_loss(model: torch.nn.Module, pairs: Sequence[tuple[list[int], list[int]]
     return -(log_probs * mask).sum() / mask.sum()
 
 
-def run_warmup(ctx: Any, base_policy: Path | str) -> dict[str, Any]:
+def run_warmup(ctx: RunContext, base_policy: Path | str) -> dict[str, Any]:
     """``warmup`` step: SFT the base model on gold turns and save ``warmup/checkpoint``."""
     from ftrl.collect import executor_from_config
     from ftrl.envs.io import read_records
@@ -135,7 +133,7 @@ def run_warmup(ctx: Any, base_policy: Path | str) -> dict[str, Any]:
              settings.steps, settings.batch_size, settings.lr)
     optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad], settings.lr, 0.0)
     rng = random.Random(cfg.seed)
-    history_path = ctx.run_dir.warmup_dir / "history.jsonl"
+    history_path = ctx.run_dir.warmup_history
     history_path.parent.mkdir(parents=True, exist_ok=True)
     history_path.unlink(missing_ok=True)
     model.train()

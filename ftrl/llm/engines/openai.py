@@ -7,7 +7,7 @@
   is the assistant turn in the reference shape ``{"role": "assistant", "content": str, "tool_calls":
   [{"id", "type": "function", "function": {"name", "arguments": "<JSON string>"}}] | None}``, so the
   collector and the evaluator play API models exactly like local ones (no text parser involved);
-* the environment builder's client (``ftrl.envs.build``): :meth:`chat` returns plain completions.
+* the environment builder's client (``ftrl.builder``): :meth:`chat` returns plain completions.
 
 Robustness and accounting: at most ``concurrency`` requests are in flight at once (one semaphore
 per engine, shared by every thread that uses it); 408/409/425/429/5xx replies, timeouts and
@@ -41,8 +41,11 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import httpx
+from typing_extensions import Self
 
 from ftrl.llm.engines.base import ChatEngine, ChatRequest, Generation, SamplingParams
+from ftrl.llm.parsers import format_qwen_tool_calls
+from ftrl.types import make_tool_call
 
 log = logging.getLogger(__name__)
 
@@ -123,16 +126,8 @@ def to_wire_messages(messages: Sequence[Mapping[str, Any]]) -> list[dict[str, An
             calls = []
             for call in message["tool_calls"]:
                 function = call.get("function", {})
-                arguments = function.get("arguments", "{}")
-                if not isinstance(arguments, str):
-                    arguments = json.dumps(arguments, ensure_ascii=False)
-                calls.append(
-                    {
-                        "id": call.get("id") or f"call_{index}_{len(calls)}",
-                        "type": "function",
-                        "function": {"name": function.get("name"), "arguments": arguments},
-                    }
-                )
+                call_id = call.get("id") or f"call_{index}_{len(calls)}"
+                calls.append(make_tool_call(function.get("name"), function.get("arguments", "{}"), call_id))
             out["tool_calls"] = calls
         if role == "tool":
             out["tool_call_id"] = message.get("tool_call_id") or ""
@@ -148,17 +143,8 @@ def to_reference_message(choice_message: Mapping[str, Any]) -> dict[str, Any]:
     for call in choice_message.get("tool_calls") or []:
         function = call.get("function") or {}
         arguments = function.get("arguments")
-        if arguments is None:
-            arguments = "{}"
-        elif not isinstance(arguments, str):
-            arguments = json.dumps(arguments, ensure_ascii=False)
-        calls.append(
-            {
-                "id": call.get("id") or f"call_{uuid.uuid4().hex}",
-                "type": "function",
-                "function": {"name": function.get("name"), "arguments": arguments},
-            }
-        )
+        call_id = call.get("id") or f"call_{uuid.uuid4().hex}"
+        calls.append(make_tool_call(function.get("name"), "{}" if arguments is None else arguments, call_id))
     message: dict[str, Any] = {
         "role": "assistant",
         "content": content if isinstance(content, str) else "",
@@ -172,19 +158,17 @@ def to_reference_message(choice_message: Mapping[str, Any]) -> dict[str, Any]:
 
 def message_text(message: Mapping[str, Any]) -> str:
     """The turn as Qwen/Hermes text: content, then one ``<tool_call>`` block per call."""
-    parts = [message.get("content") or ""]
+    calls = []
     for call in message.get("tool_calls") or []:
         function = call["function"]
         try:
             arguments = json.loads(function["arguments"])
         except (TypeError, ValueError):
             arguments = function["arguments"]
-        parts.append(
-            "<tool_call>\n"
-            + json.dumps({"name": function["name"], "arguments": arguments}, ensure_ascii=False)
-            + "\n</tool_call>"
-        )
-    return "\n".join(part for part in parts if part)
+        # Decoded and re-encoded: standard spacing whatever the API sent; text that is not JSON is
+        # written as a JSON string.
+        calls.append({"name": function["name"], "arguments": json.dumps(arguments, ensure_ascii=False)})
+    return "\n".join(part for part in (message.get("content") or "", format_qwen_tool_calls(calls)) if part)
 
 
 class OpenAIEngine(ChatEngine):
@@ -246,7 +230,7 @@ class OpenAIEngine(ChatEngine):
     @classmethod
     def from_api_config(
         cls, model: str, api: Any, *, backoff_base_s: float = 1.0, enable_thinking: bool | None = None
-    ) -> "OpenAIEngine":
+    ) -> OpenAIEngine:
         """An engine for ``model`` with the endpoint settings of an :class:`ftrl.config.ApiConfig`."""
         return cls(
             model,
@@ -262,7 +246,7 @@ class OpenAIEngine(ChatEngine):
         )
 
     @classmethod
-    def from_config(cls, cfg: Any, policy: Any, batch_size: int = 32) -> "OpenAIEngine":
+    def from_config(cls, cfg: Any, policy: Any, batch_size: int = 32) -> OpenAIEngine:
         """The policy engine of a run (``model.engine=openai``): ``policy`` is the served model id."""
         thinking = bool(cfg.mode.enable_thinking) if cfg.model.supports_thinking else None
         return cls.from_api_config(str(policy), cfg.model.api, enable_thinking=thinking)
@@ -457,10 +441,10 @@ class OpenAIEngine(ChatEngine):
     def close(self) -> None:
         self._client.close()
 
-    def __enter__(self) -> "OpenAIEngine":
+    def __enter__(self) -> Self:
         return self
 
-    def __exit__(self, *exc_info: Any) -> None:
+    def __exit__(self, *exc_info: object) -> None:
         self.close()
 
     def __repr__(self) -> str:

@@ -8,7 +8,7 @@ request. ``check_tool_schema`` checks an OpenAI function schema so that the tool
 chat templates and called as ``name(**arguments)``; ``check_arguments`` checks a call against it;
 ``parse_llm_json`` reads a reply that may be fenced, chatty or slightly broken JSON.
 
-    python -c "from ftrl.envs.build.schema import validate; print(validate({}, {'required': ['b']}))"
+    python -c "from ftrl.builder.schema import validate; print(validate({}, {'required': ['b']}))"
 """
 
 from __future__ import annotations
@@ -67,8 +67,8 @@ def validate(value: Any, schema: Mapping[str, Any], path: str = "$") -> list[str
     if "type" in schema and not matches_type(value, schema["type"]):
         expected = schema["type"] if isinstance(schema["type"], str) else " or ".join(schema["type"])
         return [
-            f"{path}: expected {expected}, "
-            f"got {_type_name(value)}"
+            (f"{path}: expected {expected}, "
+            f"got {_type_name(value)}")
         ]
     if "enum" in schema and value not in schema["enum"]:
         errors.append(f"{path}: {value!r} is not one of {schema['enum']}")

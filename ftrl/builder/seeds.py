@@ -10,7 +10,7 @@ collapsed) with ``difflib``'s ratio; the first of two questions at least ``thres
 kept. Tasks without a split go to test when a hash of their id falls below ``test_fraction``, so a
 task keeps its split when other seeds are added or removed.
 
-    python -c "from ftrl.envs.build.seeds import similarity; print(similarity('Hi there?', 'hi there'))"
+    python -c "from ftrl.builder.seeds import similarity; print(similarity('Hi there?', 'hi there'))"
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import re
 from collections.abc import Sequence
 from pathlib import Path
 
-from ftrl.envs.build.records import SeedTask, StageFailure
+from ftrl.builder.records import SeedTask, StageFailure
 from ftrl.types import SCENARIOS, SPLITS
 
 DUPLICATE_QUESTION = "duplicate_question"
@@ -55,7 +55,7 @@ def read_seed_file(path: str | Path) -> list[SeedTask]:
         except json.JSONDecodeError as error:
             raise ValueError(f"{where}: not valid JSON: {error}") from None
         if not isinstance(row, dict):
-            raise ValueError(f"{where}: expected a JSON object with a 'question'")
+            raise ValueError(f"{where}: expected a JSON object with a 'question'")  # noqa: TRY004 (bad data)
         question = row.get("question")
         if question is None and isinstance(row.get("messages"), list):
             question = next((m.get("content") for m in row["messages"] if m.get("role") == "user"), None)
@@ -127,5 +127,5 @@ def remove_near_duplicates(
 def assign_split(task: SeedTask, test_fraction: float, seed: int) -> str:
     if task.split is not None:
         return task.split
-    digest = hashlib.sha256(f"{seed}:{task.task_id}".encode("utf-8")).digest()
+    digest = hashlib.sha256(f"{seed}:{task.task_id}".encode()).digest()
     return "test" if int.from_bytes(digest[:8], "big") / 2**64 < test_fraction else "train"

@@ -18,10 +18,22 @@ bounded number of times (``llm.StructuredLLM``), and every failure is reported w
 The result is a content-hashed environment set with a manifest and a build report
 (``ftrl.envs.sets``); every request is cached, so a re-run costs no LLM call.
 
-    python -m ftrl.envs.build seed_file=questions.jsonl model=gpt-4o-mini
+    python -m ftrl.builder seed_file=questions.jsonl model=gpt-4o-mini
     python -m ftrl.run stages=[build_envs] envs=llm envs.llm.seed_file=questions.jsonl
 """
 
-from ftrl.envs.build.builder import BuildReport, BuildResult, build_env_set
+from __future__ import annotations
 
-__all__ = ["BuildReport", "BuildResult", "build_env_set"]
+from typing import TYPE_CHECKING, Any
+
+from ftrl.builder.builder import BuildReport, BuildResult, build_env_set
+
+if TYPE_CHECKING:
+    from ftrl.config import RunConfig
+
+__all__ = ["BuildReport", "BuildResult", "build_env_set", "env_source"]
+
+
+def env_source(cfg: RunConfig) -> dict[str, list[dict[str, Any]]]:
+    """``envs=llm``: build (or replay from the cache) an env set; stored under ``envs.sets_dir`` too."""
+    return build_env_set(cfg.envs.llm, sets_dir=cfg.envs.sets_dir).as_env_records()

@@ -1,6 +1,6 @@
 """Quality gates of the LLM builder: deployed tool sets become reference records only if they work.
 
-A :class:`~ftrl.envs.build.records.Deployed` item becomes a reference record (DESIGN §2) with the
+A :class:`~ftrl.builder.records.Deployed` item becomes a reference record (docs/reference.md §2) with the
 ``gold_calls`` extra field exactly as the procedural builder writes it (a JSON list of turns, each a
 list of ``{"name", "arguments"}``; turn k holds the sub-questions at dependency depth k, so parallel
 hops share a turn). Then, in order:
@@ -29,9 +29,10 @@ import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from ftrl.builder.records import Deployed, StageFailure, tool_name
 from ftrl.envs import procedural
-from ftrl.envs.build.records import Deployed, StageFailure, tool_name
 from ftrl.envs.io import RecordError, validate_record
+from ftrl.types import make_tool_call
 
 INVALID_RECORD = "invalid_record"
 REFERENCE_FAILED = "reference_model_failed"
@@ -150,14 +151,7 @@ def _evidence(candidate: procedural.Candidate, verdict: str, timeout: float) -> 
         calls, label = candidate.invalid_calls, "invalid probe"
     else:
         calls, label = candidate.distractor_calls, "distractor"
-    openai_calls = [
-        {
-            "id": f"e{i}",
-            "type": "function",
-            "function": {"name": c["name"], "arguments": json.dumps(c["arguments"], ensure_ascii=False)},
-        }
-        for i, c in enumerate(calls)
-    ]
+    openai_calls = [make_tool_call(c["name"], c["arguments"], f"e{i}") for i, c in enumerate(calls)]
     outputs = get_sandbox().map_calls([(codes, openai_calls)], timeout)[0]
     shown = "; ".join(
         f"{label} {c['name']}({json.dumps(c['arguments'], ensure_ascii=False)}) -> {o[:200]!r}"
@@ -171,7 +165,7 @@ def reference_check(
 ) -> list[StageFailure | None]:
     """Play each record with ``engine`` (greedy); a record not fully solved within ``max_turns`` fails."""
     from ftrl.collect import Episode, run_episodes
-    from ftrl.envs.taubench import StatefulExecutor
+    from ftrl.envs.executor import StatefulExecutor
     from ftrl.llm.engines.base import SamplingParams
     from ftrl.llm.parsers import get_parser
 

@@ -32,8 +32,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from ftrl.envs.build.prompts import SYSTEM_PROMPT, Prompt
-from ftrl.envs.build.schema import parse_llm_json
+from ftrl.artifacts import atomic_write_text
+from ftrl.builder.prompts import SYSTEM_PROMPT, Prompt
+from ftrl.builder.schema import parse_llm_json
 from ftrl.llm.engines.base import ChatEngine, ChatRequest, Generation, SamplingParams
 
 log = logging.getLogger(__name__)
@@ -78,11 +79,7 @@ class LLMCache:
             return None
 
     def put(self, key: str, entry: Mapping[str, Any]) -> None:
-        path = self._path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-        tmp.write_text(json.dumps(entry, ensure_ascii=False), encoding="utf-8")
-        os.replace(tmp, path)
+        atomic_write_text(self._path(key), json.dumps(entry, ensure_ascii=False))
 
     def __len__(self) -> int:
         return sum(1 for _ in self.root.glob("*/*.json")) if self.root.exists() else 0
@@ -103,7 +100,7 @@ class Ledger:
     total_completion_tokens: int = 0
     total_cost_usd: float = 0.0
 
-    def add(self, other: "Ledger") -> None:
+    def add(self, other: Ledger) -> None:
         for key, value in asdict(other).items():
             setattr(self, key, getattr(self, key) + value)
 

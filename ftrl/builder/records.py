@@ -4,7 +4,7 @@ Every record is a plain dataclass that round-trips through JSON (``to_dict``/``f
 stage's inputs and outputs can be logged, cached and inspected. The scenario types are the
 reference's ``data_source`` names (``ftrl.types.SCENARIOS``).
 
-    python -c "from ftrl.envs.build.records import Scenario; help(Scenario)"
+    python -c "from ftrl.builder.records import Scenario; help(Scenario)"
 """
 
 from __future__ import annotations

@@ -37,9 +37,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from ftrl.envs.build.llm import Ledger, StageError, StructuredLLM
-from ftrl.envs.build.prompts import PromptSet
-from ftrl.envs.build.records import (
+from ftrl.builder.llm import Ledger, StageError, StructuredLLM
+from ftrl.builder.prompts import PromptSet
+from ftrl.builder.records import (
     Deployed,
     Documented,
     GoldCall,
@@ -50,7 +50,7 @@ from ftrl.envs.build.records import (
     ToolSet,
     tool_name,
 )
-from ftrl.envs.build.schema import (
+from ftrl.builder.schema import (
     DECOMPOSE_SCHEMA,
     DEPLOY_SCHEMA,
     DOCUMENT_SCHEMA,
@@ -156,7 +156,7 @@ def run_stage(
             )
         except MissingAPIKeyError:
             raise  # a setup error: every item would fail the same way
-        except Exception as error:  # noqa: BLE001 - a builder bug must not lose the other items
+        except Exception as error:
             log.exception("builder stage %s crashed on task %s", stage, task.task_id)
             return StageFailure(
                 task.task_id,
@@ -203,7 +203,7 @@ def generate_seeds(
     topics: Sequence[str], per_topic: int, weights: dict[str, float], ctx: StageContext
 ) -> tuple[list[SeedTask], list[StageFailure]]:
     """Seed tasks written by the LLM, ``per_topic`` per topic, one per allocated scenario type."""
-    from ftrl.envs.build.seeds import task_id_for
+    from ftrl.builder.seeds import task_id_for
 
     def work(index_topic: tuple[int, str], ledger: Ledger) -> list[SeedTask]:
         index, topic = index_topic
@@ -532,65 +532,74 @@ def _multi_typed(tools: list[dict[str, Any]]) -> bool:
     return False
 
 
-def scale(toolsets: Sequence[ToolSet], ctx: StageContext) -> tuple[list[ToolSet], list[StageFailure]]:
-    """Stage 4: apply the complexity-scaling strategies drawn for each task (none drawn: unchanged)."""
+@dataclass
+class _ScaleRequest:
+    """One task's complexity-scaling request: the strategies drawn for it and how to check the answer."""
 
-    def work(item: ToolSet, ledger: Ledger) -> ToolSet:
-        strategies, num_distractors = ctx.knobs.draw(item.scenario.task.task_id)
-        if not strategies:
-            return item
-        scenario = item.scenario
-        text = "\n".join(f"- {STRATEGY_TEXT[s].format(n=num_distractors)}" for s in strategies)
-        prompt = ctx.prompts["scale"].render(
-            question=scenario.task.question,
-            tools=_dump(item.tools),
-            calls=_calls_view(scenario, item.calls),
+    item: ToolSet
+    strategies: list[str]
+    num_distractors: int
+
+    def prompt(self, ctx: StageContext) -> str:
+        text = "\n".join(f"- {STRATEGY_TEXT[s].format(n=self.num_distractors)}" for s in self.strategies)
+        return ctx.prompts["scale"].render(
+            question=self.item.scenario.task.question,
+            tools=_dump(self.item.tools),
+            calls=_calls_view(self.item.scenario, self.item.calls),
             strategies=text,
-            num_distractors=num_distractors,
+            num_distractors=self.num_distractors,
         )
 
-        def check(value: Any) -> list[str]:
-            errors = validate(value, SCALE_SCHEMA)
-            if errors:
-                return errors
-            errors = check_tools(value["tools"]) + check_tools(
-                [d["tool"] for d in value["distractors"]], "distractors"
-            )
-            if errors:
-                return errors
-            errors = check_calls(scenario, value["tools"], value["calls"])
-            names = {tool_name(tool) for tool in value["tools"]}
-            if len(value["distractors"]) != num_distractors:
-                errors.append(
-                    f"$.distractors: exactly {num_distractors} distractor tool(s) were asked for, "
-                    f"got {len(value['distractors'])}"
-                )
-            for entry in value["distractors"]:
-                if tool_name(entry["tool"]) in names:
-                    errors.append(
-                        f"distractor '{tool_name(entry['tool'])}' has the name of an answering tool"
-                    )
-                errors.extend(
-                    check_arguments(
-                        entry["tool"],
-                        entry["example_arguments"],
-                        where=f"the example call of distractor '{tool_name(entry['tool'])}'",
-                    )
-                )
-            if "parameter_expansion" in strategies and _parameter_count(value["tools"]) <= _parameter_count(
-                item.tools
-            ):
-                errors.append(
-                    "parameter expansion was asked for but the tools have no more parameters than before"
-                )
-            if "parameter_type_generalization" in strategies and not _multi_typed(value["tools"]):
-                errors.append(
-                    "parameter-type generalisation was asked for but no parameter accepts several types "
-                    '(e.g. "type": ["string", "integer"])'
-                )
+    def check(self, value: Any) -> list[str]:
+        """Errors of the LLM's answer (empty: accepted), in the order the model is told about them."""
+        errors = validate(value, SCALE_SCHEMA)
+        if errors:
             return errors
+        errors = check_tools(value["tools"]) + check_tools(
+            [d["tool"] for d in value["distractors"]], "distractors"
+        )
+        if errors:
+            return errors
+        errors = check_calls(self.item.scenario, value["tools"], value["calls"])
+        errors.extend(self._distractor_errors(value))
+        errors.extend(self._strategy_errors(value))
+        return errors
 
-        value = ctx.llm.ask(prompt, check, ledger)
+    def _distractor_errors(self, value: Any) -> list[str]:
+        errors: list[str] = []
+        names = {tool_name(tool) for tool in value["tools"]}
+        if len(value["distractors"]) != self.num_distractors:
+            errors.append(
+                f"$.distractors: exactly {self.num_distractors} distractor tool(s) were asked for, "
+                f"got {len(value['distractors'])}"
+            )
+        for entry in value["distractors"]:
+            if tool_name(entry["tool"]) in names:
+                errors.append(f"distractor '{tool_name(entry['tool'])}' has the name of an answering tool")
+            errors.extend(
+                check_arguments(
+                    entry["tool"],
+                    entry["example_arguments"],
+                    where=f"the example call of distractor '{tool_name(entry['tool'])}'",
+                )
+            )
+        return errors
+
+    def _strategy_errors(self, value: Any) -> list[str]:
+        errors: list[str] = []
+        if "parameter_expansion" in self.strategies and _parameter_count(value["tools"]) <= _parameter_count(
+            self.item.tools
+        ):
+            errors.append("parameter expansion was asked for but the tools have no more parameters than before")
+        if "parameter_type_generalization" in self.strategies and not _multi_typed(value["tools"]):
+            errors.append(
+                "parameter-type generalisation was asked for but no parameter accepts several types "
+                '(e.g. "type": ["string", "integer"])'
+            )
+        return errors
+
+    def result(self, value: Any) -> ToolSet:
+        scenario = self.item.scenario
         distractors = [entry["tool"] for entry in value["distractors"]]
         distractor_calls = [
             {"name": tool_name(entry["tool"]), "arguments": entry["example_arguments"]}
@@ -600,13 +609,31 @@ def scale(toolsets: Sequence[ToolSet], ctx: StageContext) -> tuple[list[ToolSet]
             scenario,
             value["tools"],
             _gold_calls(value["calls"], scenario),
-            item.merged_from,
+            self.item.merged_from,
             distractors,
             distractor_calls,
-            strategies,
+            self.strategies,
         )
 
-    return run_stage("scale", toolsets, work, ctx)
+
+@dataclass
+class _Scaler:
+    """The scale stage's work on one item (a callable for :func:`run_stage`)."""
+
+    ctx: StageContext
+
+    def __call__(self, item: ToolSet, ledger: Ledger) -> ToolSet:
+        strategies, num_distractors = self.ctx.knobs.draw(item.scenario.task.task_id)
+        if not strategies:
+            return item
+        request = _ScaleRequest(item, strategies, num_distractors)
+        value = self.ctx.llm.ask(request.prompt(self.ctx), request.check, ledger)
+        return request.result(value)
+
+
+def scale(toolsets: Sequence[ToolSet], ctx: StageContext) -> tuple[list[ToolSet], list[StageFailure]]:
+    """Stage 4: apply the complexity-scaling strategies drawn for each task (none drawn: unchanged)."""
+    return run_stage("scale", toolsets, _Scaler(ctx), ctx)
 
 
 # ------------------------------------------------------------------------------------ 5. deploy

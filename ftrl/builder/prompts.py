@@ -8,16 +8,17 @@ file path), the latter winning. Each template's SHA-256 goes into the set's mani
 rendered text is part of every request's cache key, editing a prompt re-runs exactly the stages that
 use it.
 
-    python -c "from ftrl.envs.build.prompts import load_prompts; print(load_prompts().hashes())"
+    python -c "from ftrl.builder.prompts import load_prompts; print(load_prompts().hashes())"
 """
 
 from __future__ import annotations
 
 import hashlib
 import string
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 PROMPT_DIR = Path(__file__).resolve().parent / "prompts"
 STAGES: tuple[str, ...] = ("seed", "decompose", "document", "integrate", "scale", "deploy", "repair")
@@ -72,9 +73,6 @@ class PromptSet:
 
     def hashes(self) -> dict[str, str]:
         return {stage: prompt.sha256 for stage, prompt in self.prompts.items()}
-
-    def sources(self) -> dict[str, str]:
-        return {stage: prompt.source for stage, prompt in self.prompts.items()}
 
 
 def _check_placeholders(prompt: Prompt) -> None:

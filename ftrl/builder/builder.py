@@ -1,8 +1,8 @@
 """Build an environment set with an LLM: seeds -> five stages -> gates -> a versioned set and its report.
 
 :func:`build_env_set` runs, for every seed task, scenario decomposition, document generation,
-function integration, complexity scaling and localized deployment (``ftrl.envs.build.stages``),
-then the quality gates (``ftrl.envs.build.gate``), and stores the surviving environments as a set
+function integration, complexity scaling and localized deployment (``ftrl.builder.stages``),
+then the quality gates (``ftrl.builder.gate``), and stores the surviving environments as a set
 (``ftrl.envs.sets``): reference records with ``gold_calls``, a manifest (builder model and endpoint,
 prompt hashes, knobs, statistics per scenario, token and cost accounting) and ``report.json``, which
 says for each stage how many items entered and left it and, for each seed task that did not become
@@ -12,8 +12,8 @@ Every LLM request goes through the request-keyed cache (``<envs.sets_dir>/.cache
 ``envs.llm.cache_dir`` says otherwise): re-running with the same inputs sends no request and gives
 the same set; a killed or partly failed build resumes per task and per stage.
 
-    python -m ftrl.envs.build seed_file=questions.jsonl model=gpt-4o-mini set_name=mine
-    python -m ftrl.envs.build topics='[weather,movies]' model=Qwen/Qwen3-8B \\
+    python -m ftrl.builder seed_file=questions.jsonl model=gpt-4o-mini set_name=mine
+    python -m ftrl.builder topics='[weather,movies]' model=Qwen/Qwen3-8B \\
         api.base_url=http://localhost:8000/v1 api.api_key_env='' --sets-dir outputs/env_sets
     python -m ftrl.run stages=[build_envs] envs=llm envs.llm.seed_file=questions.jsonl
 """
@@ -31,13 +31,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ftrl.config import LLMBuildConfig
-from ftrl.envs.build.gate import gate_envs, reference_check
-from ftrl.envs.build.llm import CachingChatEngine, LazyEngine, Ledger, LLMCache, StructuredLLM
-from ftrl.envs.build.prompts import load_prompts
-from ftrl.envs.build.records import StageFailure
-from ftrl.envs.build.seeds import assign_split, read_seed_file, remove_near_duplicates
-from ftrl.envs.build.stages import (
+from ftrl.builder.gate import gate_envs, reference_check
+from ftrl.builder.llm import CachingChatEngine, LazyEngine, Ledger, LLMCache, StructuredLLM
+from ftrl.builder.prompts import PromptSet, load_prompts
+from ftrl.builder.records import SeedTask, StageFailure
+from ftrl.builder.seeds import assign_split, read_seed_file, remove_near_duplicates
+from ftrl.builder.stages import (
     Knobs,
     StageContext,
     decompose,
@@ -47,6 +46,7 @@ from ftrl.envs.build.stages import (
     integrate,
     scale,
 )
+from ftrl.config import LLMBuildConfig
 from ftrl.envs.sets import DEFAULT_SETS_DIR, EnvRecords, EnvSet, write_set
 from ftrl.types import SPLITS
 
@@ -144,15 +144,10 @@ def default_engine_factory(cfg: LLMBuildConfig, model: str | None = None) -> Cal
     return create
 
 
-def build_env_set(
-    cfg: LLMBuildConfig,
-    *,
-    sets_dir: str | Path = DEFAULT_SETS_DIR,
-    write: bool = True,
-    engine_factory: Callable[[], Any] | None = None,
-) -> BuildResult:
-    """Run the builder on the configured seeds; store the set unless ``write`` is false."""
-    started = time.perf_counter()
+def _make_llm(
+    cfg: LLMBuildConfig, sets_dir: str | Path, engine_factory: Callable[[], Any] | None
+) -> tuple[PromptSet, LLMCache, LazyEngine, StructuredLLM]:
+    """The prompts, the request cache, the (lazily created) engine and the structured LLM over them."""
     prompts = load_prompts(cfg.prompts_dir, cfg.prompts)
     cache = LLMCache(Path(cfg.cache_dir) if cfg.cache_dir else Path(sets_dir) / ".cache" / "llm")
     engine = LazyEngine(engine_factory or default_engine_factory(cfg))
@@ -166,7 +161,11 @@ def build_env_set(
         json_mode=cfg.json_mode,
         max_repairs=cfg.max_repairs,
     )
-    knobs = Knobs(
+    return prompts, cache, engine, llm
+
+
+def _knobs(cfg: LLMBuildConfig) -> Knobs:
+    return Knobs(
         cfg.functional_generalization,
         cfg.parameter_expansion,
         cfg.parameter_type_generalization,
@@ -174,9 +173,12 @@ def build_env_set(
         cfg.max_distractors,
         cfg.seed,
     )
-    ctx = StageContext(llm, prompts, knobs, concurrency=cfg.api.concurrency)
-    report = BuildReport()
 
+
+def _seed_tasks(
+    cfg: LLMBuildConfig, ctx: StageContext, report: BuildReport, cache: LLMCache
+) -> tuple[list[SeedTask], dict[str, str]]:
+    """Seed tasks (from the file and/or generated per topic), near-duplicates removed, and their splits."""
     seeds = read_seed_file(cfg.seed_file) if cfg.seed_file else []
     if cfg.topics:
         generated, failures = generate_seeds(cfg.topics, cfg.tasks_per_topic, dict(cfg.scenario_weights), ctx)
@@ -199,7 +201,11 @@ def build_env_set(
         cfg.api.base_url,
         cache.root,
     )
+    return tasks, splits
 
+
+def _run_stages(tasks: list[SeedTask], ctx: StageContext, report: BuildReport) -> Any:
+    """The five builder stages in order; each stage's survivors enter the next."""
     items: Any = tasks
     for name, stage in (
         ("decompose", decompose),
@@ -218,7 +224,18 @@ def build_env_set(
             f" ({dict(Counter(f.reason for f in failures))})" if failures else "",
         )
         items = outputs
+    return items
 
+
+def _gate(
+    cfg: LLMBuildConfig,
+    items: Any,
+    splits: dict[str, str],
+    cache: LLMCache,
+    engine_factory: Callable[[], Any] | None,
+    report: BuildReport,
+) -> tuple[list[Any], Ledger]:
+    """The quality gates, then (if configured) the reference check; the survivors and its ledger."""
     kept, failures = gate_envs(items, splits, cfg.gate_timeout_s)
     report.record("gate", len(items), len(kept), failures)
     reference_ledger = Ledger()
@@ -235,18 +252,22 @@ def build_env_set(
         kept = [pair for pair, verdict in zip(kept, verdicts) if verdict is None]
         report.record("reference", entered, len(kept), failures)
         reference_ledger = reference.ledger
+    return kept, reference_ledger
 
+
+def _records_by_split(kept: list[Any]) -> dict[str, list[dict[str, Any]]]:
     records: dict[str, list[dict[str, Any]]] = {split: [] for split in SPLITS}
     for _, record in kept:
         records[record["split"]].append(record)
-    report.kept = {
-        split: dict(sorted(Counter(r["data_source"] for r in rows).items()))
-        for split, rows in records.items()
-    }
+    return records
+
+
+def _usage(ctx: StageContext, reference_ledger: Ledger) -> dict[str, Any]:
+    """Token, request and cost accounting of this run, in total and per task."""
     total = Ledger()
     for ledger in ctx.ledgers.values():
         total.add(ledger)
-    report.usage = {
+    return {
         "this_run": {
             "requests": total.requests + reference_ledger.requests,
             "cache_hits": total.cache_hits + reference_ledger.cache_hits,
@@ -263,9 +284,9 @@ def build_env_set(
         },
         "per_task": {task_id: ledger.as_dict() for task_id, ledger in sorted(ctx.ledgers.items())},
     }
-    if engine.created is not None:
-        report.usage["endpoint"] = engine.created.usage.as_dict()
-    report.seconds = time.perf_counter() - started
+
+
+def _warn_transient(report: BuildReport) -> None:
     transient = [f for f in report.failures if f.transient]
     if transient:
         log.warning(
@@ -275,7 +296,10 @@ def build_env_set(
             transient[0].detail[:200],
         )
 
-    manifest = {
+
+def _manifest(cfg: LLMBuildConfig, prompts: PromptSet, report: BuildReport) -> dict[str, Any]:
+    """The set's manifest: builder model and endpoint, prompt hashes, knobs, seeds, gates, usage, flow."""
+    return {
         "source": "llm",
         "builder": {
             "model": cfg.model,
@@ -314,6 +338,37 @@ def build_env_set(
             s.stage: {"entered": s.entered, "passed": s.passed, "failed": s.failed} for s in report.stages
         },
     }
+
+
+def build_env_set(
+    cfg: LLMBuildConfig,
+    *,
+    sets_dir: str | Path = DEFAULT_SETS_DIR,
+    write: bool = True,
+    engine_factory: Callable[[], Any] | None = None,
+) -> BuildResult:
+    """Run the builder on the configured seeds; store the set unless ``write`` is false."""
+    started = time.perf_counter()
+    prompts, cache, engine, llm = _make_llm(cfg, sets_dir, engine_factory)
+    ctx = StageContext(llm, prompts, _knobs(cfg), concurrency=cfg.api.concurrency)
+    report = BuildReport()
+
+    tasks, splits = _seed_tasks(cfg, ctx, report, cache)
+    items = _run_stages(tasks, ctx, report)
+    kept, reference_ledger = _gate(cfg, items, splits, cache, engine_factory, report)
+
+    records = _records_by_split(kept)
+    report.kept = {
+        split: dict(sorted(Counter(r["data_source"] for r in rows).items()))
+        for split, rows in records.items()
+    }
+    report.usage = _usage(ctx, reference_ledger)
+    if engine.created is not None:
+        report.usage["endpoint"] = engine.created.usage.as_dict()
+    report.seconds = time.perf_counter() - started
+    _warn_transient(report)
+
+    manifest = _manifest(cfg, prompts, report)
     env_set = (
         write_set(records, name=cfg.set_name, sets_dir=sets_dir, manifest=manifest, report=report.as_dict())
         if write
@@ -332,7 +387,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from ftrl.config import ConfigError, RunConfig
     from ftrl.llm.engines.openai import MissingAPIKeyError
 
-    parser = argparse.ArgumentParser(prog="python -m ftrl.envs.build", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m ftrl.builder", description=__doc__.split("\n")[0])
     parser.add_argument(
         "overrides", nargs="*", help="envs.llm keys, e.g. seed_file=q.jsonl model=gpt-4o-mini"
     )

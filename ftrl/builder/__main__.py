@@ -1,9 +1,9 @@
-"""``python -m ftrl.envs.build key=value ...``: build an env set with an LLM (see ftrl.envs.build.builder)."""
+"""``python -m ftrl.builder key=value ...``: build an env set with an LLM (see ftrl.builder.builder)."""
 
 import logging
 import sys
 
-from ftrl.envs.build.builder import main
+from ftrl.builder.builder import main
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")

@@ -1,0 +1,61 @@
+"""Pinned numbers (torchtune style): a change to the RL math, the reward or the data that still "works"
+moves one of these, and this test says which.
+
+Two native GRPO steps on the smoke config (``+debug=smoke``, seed 0) after its warm start, with
+``train.mini_batch_prompts=2`` so each step makes two updates and the second one is off-policy (its
+policy loss and clip fraction are then not zero by construction, as the first update's are). The
+values were recorded with torch 2.13.0 (CPU build) and one thread, as CI runs; a float result is
+exact only on the machine kind and torch build that made it, hence the tolerances.
+
+    python -m pytest tests/test_regression.py -q
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from ftrl.config import load_run_config
+from ftrl.pipeline import run_pipeline
+
+ROOT = Path(__file__).resolve().parent.parent
+PINNED_WARMUP_LOSSES = [6.720500946044922, 6.57763671875, 6.3488335609436035]
+PINNED_STEPS = [
+    {"reward/score": -0.075, "actor/pg_loss": -0.0005788877606391907, "actor/kl_loss": 7.11999527993612e-05,
+     "actor/entropy": 6.7043304443359375, "actor/grad_norm": 0.5652163177728653},
+    {"reward/score": -0.0375, "actor/pg_loss": -6.409361958503723e-05, "actor/kl_loss": 0.0005023974954383448,
+     "actor/entropy": 6.696380376815796, "actor/grad_norm": 0.23204772558256082},
+]
+
+
+def _rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+@pytest.fixture(scope="module")
+def smoke_round(tmp_path_factory) -> Path:
+    import ftrl.run  # noqa: F401  (registers the ftrl_dirname resolver)
+
+    run_dir = tmp_path_factory.mktemp("regression")
+    overrides = ["+debug=smoke", "train.rounds=1", "stages=[build_envs,collect,train]", "train.mini_batch_prompts=2",
+                 f"run_dir={run_dir}"]
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = load_run_config(compose(config_name="config", overrides=overrides))
+    run_pipeline(cfg)
+    return run_dir
+
+
+def test_warm_start_loss_curve_starts_where_it_did(smoke_round: Path) -> None:
+    losses = [row["warmup/loss"] for row in _rows(smoke_round / "warmup" / "history.jsonl")[:3]]
+    assert losses == pytest.approx(PINNED_WARMUP_LOSSES, rel=1e-4)
+
+
+def test_two_grpo_steps_reproduce_reward_losses_and_kl(smoke_round: Path) -> None:
+    rows = _rows(smoke_round / "rounds" / "r1" / "train" / "history.jsonl")
+    assert len(rows) == len(PINNED_STEPS)
+    for step, (row, pinned) in enumerate(zip(rows, PINNED_STEPS), start=1):
+        got = {key: row[key] for key in pinned}
+        assert got == pytest.approx(pinned, rel=2e-3, abs=1e-7), f"step {step}"
