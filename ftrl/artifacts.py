@@ -42,6 +42,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import IO, Any
 
+from ftrl.errors import FtrlError
+
 # --- file names inside a run directory that RunDir's methods do not spell out alone
 HISTORY_JSONL = "history.jsonl"                # per-step training metrics (warmup/, rounds/r{k}/train/)
 TRAINER_STATE_PT = "trainer_state.pt"          # native trainer resume state (rounds/r{k}/train/)
@@ -210,8 +212,14 @@ class RunDir:
         return self.root / "manifest.json"
 
     @property
-    def config(self) -> Path:
-        return self.root / "config.yaml"
+    def recorded_config(self) -> Path:
+        """The validated config the run was created with (written once; a refused invocation never touches it)."""
+        return self.root / ".hydra" / "config.yaml"
+
+    @property
+    def recorded_overrides(self) -> Path:
+        """The command-line overrides of the invocation that created the run."""
+        return self.root / ".hydra" / "overrides.yaml"
 
     @property
     def summary(self) -> Path:
@@ -286,6 +294,20 @@ class RunDir:
     def eval_metrics(self, checkpoint: str) -> Path:
         return self.eval_dir / checkpoint / "metrics.json"
 
+    def eval_settings(self, checkpoint: str) -> Path:
+        """The eval settings ``eval_metrics(checkpoint)`` was made with."""
+        return self.eval_dir / checkpoint / "settings.json"
+
+    def eval_archive(self, checkpoint: str) -> Path:
+        """A fresh folder under ``eval/archive/`` for results made with earlier settings."""
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        candidate = self.eval_dir / "archive" / f"{checkpoint}-{stamp}"
+        index = 1
+        while candidate.exists():
+            index += 1
+            candidate = self.eval_dir / "archive" / f"{checkpoint}-{stamp}-{index}"
+        return candidate
+
     @property
     def eval_summary(self) -> Path:
         return self.eval_dir / "metrics.json"
@@ -306,12 +328,15 @@ class RunDir:
         write_json(self.stage_marker(stage), {"stage": stage, "finished_at": time.time(), **info})
 
 
-def write_manifest(run_dir: RunDir, config: dict[str, Any], extra: dict[str, Any] | None = None) -> dict:
-    """Create or update the run manifest; refuse to reuse a directory made by a different config."""
+def write_manifest(run_dir: RunDir, config: dict[str, Any], extra: dict[str, Any] | None = None,
+                   inputs: dict[str, dict[str, Any]] | None = None) -> dict:
+    """Create or update the run manifest; refuse to reuse a directory made by a different config, or
+    whose external inputs (``inputs``: key -> {path, sha256}) changed since it recorded them."""
     config_hash = hashlib.sha256(json.dumps(_identity(config), sort_keys=True).encode()).hexdigest()[:16]
     manifest: dict[str, Any] = {}
     if run_dir.manifest.exists():
         manifest = read_json(run_dir.manifest)
+        _check_inputs(run_dir, manifest.get("inputs") or {}, inputs or {})
         previous = manifest.get("config_hash")
         # Compare through today's identity rules, so a manifest written under older rules still matches.
         if previous and previous != config_hash and _identity(manifest.get("identity", {})) != _identity(config):
@@ -324,6 +349,7 @@ def write_manifest(run_dir: RunDir, config: dict[str, Any], extra: dict[str, Any
     manifest.update({
         "config_hash": config_hash,
         "identity": _identity(config),
+        "inputs": {**(manifest.get("inputs") or {}), **(inputs or {})},
         "versions": package_versions(),
         "git_sha": git_sha(),
         "argv": sys.argv,
@@ -336,12 +362,25 @@ def write_manifest(run_dir: RunDir, config: dict[str, Any], extra: dict[str, Any
     return manifest
 
 
-class RunDirConflict(RuntimeError):
+class RunDirConflict(FtrlError, RuntimeError):
     """The run directory was created by a different configuration."""
 
 
+def _check_inputs(run_dir: RunDir, recorded: dict[str, Any], current: dict[str, Any]) -> None:
+    """Refuse when an input the run recorded now has other contents (an input gone missing is not
+    refused here: the preflight decides whether a pending stage still needs it)."""
+    changed = [f"{key} ({now['path']}: sha256 {recorded[key].get('sha256', '?')[:12]} -> {now['sha256'][:12]})"
+               for key, now in sorted(current.items())
+               if key in recorded and recorded[key].get("sha256") != now.get("sha256")]
+    if changed:
+        raise RunDirConflict(
+            f"{run_dir.root}: input(s) changed since this run recorded them: {', '.join(changed)}. The run "
+            "keeps what it built from the old contents (envs/, checkpoints), so it is not continued. Start a "
+            "new run for the new inputs (name=<new name> or hydra.run.dir=<path>), or restore the old files.")
+
+
 # Keys that may change between a run and its resumption without changing what it computes.
-_VOLATILE_KEYS = {"stages", "dry_run", "run_dir", "logger", "resources", "eval"}
+_VOLATILE_KEYS = {"stages", "dry_run", "rerun", "run_dir", "logger", "resources", "eval"}
 
 
 # envs.name -> the one envs sub-section that source reads; the other sources' sections do not change a run.

@@ -26,9 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tqdm.auto import tqdm
-
 from ftrl.artifacts import PROGRESS_SUFFIX, atomic_write_text
+from ftrl.progress import progress as progress_reporter
 from ftrl.types import Sample, count_answers
 
 log = logging.getLogger(__name__)
@@ -176,7 +175,7 @@ def run_episodes(
     """
     pending = deque(records)
     active: list[Episode] = []
-    bar = tqdm(total=len(records), desc=desc, unit="ep", disable=not progress, dynamic_ncols=True)
+    bar = progress_reporter(total=len(records), desc=desc, unit="ep", disable=not progress)
     while pending or active:
         _refill(pending, active, batch_size, snapshots)
         calling = _policy_turn(engine, active, params, parser)

@@ -10,8 +10,10 @@ cross-field rules with messages that name the key and the valid options.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,7 +21,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from ftrl.errors import ConfigError, check_choice, check_positive
+from ftrl.errors import ConfigError, check_choice, check_positive, did_you_mean
 from ftrl.params import check_selectors
 
 log = logging.getLogger(__name__)
@@ -186,6 +188,9 @@ class EnvsConfig:
     # Optional caps applied after loading (useful for quick runs on big sets).
     max_train: int | None = None
     max_test: int | None = None
+    # Records failing the environment gate (ftrl.envs.gate; every source's records pass it in build_envs):
+    # drop: drop them and report why (log + envs/manifest.json) | fail: refuse the set.
+    invalid: str = "drop"
     llm: LLMBuildConfig = field(default_factory=LLMBuildConfig)
     taubench: TauBenchConfig = field(default_factory=TauBenchConfig)
     # Versioned environment sets (ftrl.envs.sets): where they live, and (envs=set) which to mix:
@@ -420,6 +425,8 @@ class RunConfig:
     stages: list[str] = field(default_factory=lambda: list(STAGES))
     run_dir: str = "outputs/default/base"
     dry_run: bool = False
+    # Stages to run again although they are done (their outputs feed no other stage): eval, analyze.
+    rerun: list[str] = field(default_factory=list)
     model: ModelConfig = field(default_factory=ModelConfig)
     mode: ModeConfig = field(default_factory=ModeConfig)
     envs: EnvsConfig = field(default_factory=EnvsConfig)
@@ -440,6 +447,7 @@ class RunConfig:
     def validate(self) -> RunConfig:
         """Check every key once, as the config loads; raise ConfigError naming the key and the valid options."""
         _check_stages(self.stages)
+        _check_rerun(self.rerun)
         _check_model(self)
         _check_envs(self.envs)
         _check_reward_and_episodes(self)
@@ -471,6 +479,18 @@ class RunConfig:
         if self.model.max_new_tokens is None:
             return self.mode.max_response_tokens
         return min(self.mode.max_response_tokens, self.model.max_new_tokens)
+
+
+RERUNNABLE_STAGES: tuple[str, ...] = ("eval", "analyze")
+
+
+def _check_rerun(rerun: list[str]) -> None:
+    for index, stage in enumerate(rerun):
+        if stage in STAGES and stage not in RERUNNABLE_STAGES:
+            raise ConfigError(f"rerun[{index}]: '{stage}' cannot be re-run in place: later stages were built on "
+                              f"its outputs. Start a new run for that (name=<new name> or hydra.run.dir=<path>); "
+                              f"rerun takes {list(RERUNNABLE_STAGES)}")
+        check_choice(f"rerun[{index}]", stage, RERUNNABLE_STAGES)
 
 
 def _check_stages(stages: list[str]) -> None:
@@ -506,6 +526,7 @@ def _check_envs(envs: EnvsConfig) -> None:
     from ftrl.registry import ENV_SOURCES
 
     ENV_SOURCES.check(envs.name, "envs.name")
+    check_choice("envs.invalid", envs.invalid, ("drop", "fail"))
     if envs.name == "ftrl_files" and not (envs.files.train or envs.files.test):
         raise ConfigError("envs.files.train / envs.files.test: envs=ftrl_files needs at least one path")
     proc = envs.procedural
@@ -626,8 +647,59 @@ def load_run_config(cfg: DictConfig | dict) -> RunConfig:
         run_config: RunConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
     except OmegaConfBaseException as error:
         key = getattr(error, "full_key", None)
-        raise ConfigError(f"{key + ': ' if key else ''}{error.msg if hasattr(error, 'msg') else error}") from None
+        unknown = unknown_key_message(key) if key else None
+        if unknown:
+            raise ConfigError(unknown) from None
+        message = str(error.msg if hasattr(error, "msg") else error).strip().splitlines()[0]
+        raise ConfigError(f"{key + ': ' if key else ''}{message}") from None
     return run_config.validate()
+
+
+def schema_keys(path: str) -> list[str] | None:
+    """The keys the schema allows under ``path`` (``""``: the top level); None if ``path`` is no section.
+
+    Free-form mappings (``envs.mix``, ``backend.verl.env``, ...) allow any key and return None.
+    """
+    node: Any = RunConfig
+    for part in [p for p in path.split(".") if p]:
+        if not dataclasses.is_dataclass(node):
+            return None
+        types = typing.get_type_hints(node)
+        if part not in types:
+            return None
+        node = types[part]
+    return [f.name for f in dataclasses.fields(node)] if dataclasses.is_dataclass(node) else None
+
+
+def unknown_key_message(key: str) -> str | None:
+    """``"train.lrr: unknown key; valid keys of train: [...]; did you mean 'lr'?"``, or None if ``key`` is known
+    (or lies under a free-form mapping)."""
+    parent, _, leaf = key.rpartition(".")
+    valid = schema_keys(parent)
+    if valid is None or leaf in valid:
+        return None
+    where = parent or "the top level"
+    return f"{key}: unknown key; valid keys of {where}: {sorted(valid)}{did_you_mean(leaf, valid)}"
+
+
+def check_override_keys(overrides: list[str], groups: typing.Iterable[str] = ()) -> None:
+    """Refuse command-line overrides of keys the schema does not have, before Hydra composes.
+
+    Hydra would report ``Key 'lrr' is not in struct`` and suggest ``+train.lrr``, which then fails
+    in validation; this names the valid keys of that section and the closest one instead. ``groups``
+    are config groups without a schema key of their own (``+experiment=``, ``+debug=``).
+    """
+    skip = set(groups) | {"hydra"}
+    for override in overrides:
+        key, sep, _ = override.partition("=")
+        key = key.strip().lstrip("+~")
+        if not sep or not key or key.split(".")[0].split("/")[0] in skip or "/" in key or "@" in key:
+            continue
+        parts = key.split(".")
+        for depth in range(1, len(parts) + 1):
+            message = unknown_key_message(".".join(parts[:depth]))
+            if message:
+                raise ConfigError(message)
 
 
 def to_container(run_config: RunConfig) -> dict[str, Any]:

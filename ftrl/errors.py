@@ -1,8 +1,9 @@
 """Errors users see, and the helpers that make them say the bad key and the valid choices.
 
-Every user-facing check raises :class:`ConfigError` (a bad config value) or
-:class:`UnknownNameError` (a name that no registry holds); both messages name the key, list the
-valid options and suggest the closest one.
+Every user-facing check raises a :class:`FtrlError`: :class:`ConfigError` (a bad config value),
+:class:`MissingInputError` (a path, model or API key that is not there) or a run-directory conflict;
+:class:`UnknownNameError` is a name that no registry holds. Messages name the key, list the valid
+options and suggest the closest one; the entrypoints print them as one line.
 
     python -c "from ftrl.errors import check_choice; check_choice('algorithm.name', 'gpro', ['grpo', 'ppo'])"
 """
@@ -14,8 +15,17 @@ from collections.abc import Iterable
 from typing import Any
 
 
-class ConfigError(ValueError):
+class FtrlError(Exception):
+    """A problem with what the user asked for or provided (not a bug): the entrypoints print its
+    message as one line, which says what is wrong and how to fix it; ``FTRL_DEBUG=1`` adds the traceback."""
+
+
+class ConfigError(FtrlError, ValueError):
     """A configuration value is invalid; the message names the key and the valid options."""
+
+
+class MissingInputError(FtrlError, FileNotFoundError):
+    """A file, directory, model or credential the run needs is not there; the message names the key."""
 
 
 class UnknownNameError(KeyError):

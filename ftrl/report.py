@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -47,19 +49,64 @@ def _pct(value: float | None) -> str:
     return "-" if value is None else f"{100 * value:.1f}"
 
 
+def smoke_note(run_dir: str | Path | None) -> str | None:
+    """What a ``+debug=smoke`` run shows and what it does not, when ``run_dir`` was made by one.
+
+    The run directory's ``.hydra/overrides.yaml`` (written by Hydra) names the overrides of the run.
+    """
+    if not run_dir:
+        return None
+    overrides = Path(run_dir) / ".hydra" / "overrides.yaml"
+    if not overrides.is_file():
+        return None
+    lines = overrides.read_text(encoding="utf-8").splitlines()
+    if not any(re.fullmatch(r"\s*-\s*[+~]*debug=smoke\s*", line) for line in lines):
+        return None
+    return ("note: +debug=smoke checks the plumbing (every stage runs end to end and writes its files), not\n"
+            "  learning: its model is too small and trains too few steps to call tools, so F1 0 everywhere and\n"
+            "  the 'no sampled turn made a tool call' warnings are expected. The run that shows learning is the\n"
+            "  default job: `python -m ftrl.run` (about 12 minutes on 2 cores; Solve-F1 rises from the warm\n"
+            "  start to the last round).")
+
+
 def print_results(summary: Mapping[str, Any]) -> None:
+    """Print the results table (and the smoke note), and write the same text to the log files.
+
+    The table goes to stdout as before; the root logger's file handlers (Hydra's ``run.log``) get it
+    too, so a run's log has its results. Console handlers are skipped: the table is already printed.
+    """
     evals = summary.get("evals") or []
+    parts = []
     if evals:
-        print("\nOwn test set (ftrl_test), x100:")
-        print(results_table(evals))
-    print(f"\nrun directory: {summary.get('run_dir', '?')}")
+        parts.append("\nOwn test set (ftrl_test), x100:\n" + results_table(evals))
+    note = smoke_note(summary.get("run_dir"))
+    if note:
+        parts.append("\n" + note)
+    parts.append(f"\nrun directory: {summary.get('run_dir', '?')}")
+    for part in parts:
+        print(part)
+    _log_to_files("results:" + "\n".join(parts))
+
+
+def _log_to_files(text: str) -> None:
+    """Hand ``text`` to the root logger's file handlers only (the console already has it printed)."""
+    logger = logging.getLogger("ftrl.report")
+    record = logger.makeRecord(logger.name, logging.INFO, __file__, 0, "%s", (text,), None)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler) and record.levelno >= handler.level:
+            handler.handle(record)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("run_dir", type=Path)
     args = parser.parse_args(argv)
-    summary = json.loads(RunDir(args.run_dir).summary.read_text())
+    run_dir = RunDir(args.run_dir)
+    if not run_dir.summary.is_file():
+        what = "is not a run directory" if not run_dir.manifest.is_file() else "has no summary.json yet (no stage finished)"
+        raise SystemExit(f"ftrl.report: {args.run_dir} {what}; give a directory that `python -m ftrl.run` wrote, "
+                         f"e.g. outputs/default/base")
+    summary = json.loads(run_dir.summary.read_text())
     summary.setdefault("run_dir", str(args.run_dir))
     print_results(summary)
 

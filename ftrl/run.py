@@ -34,7 +34,7 @@ if not OmegaConf.has_resolver("ftrl_dirname"):
     OmegaConf.register_new_resolver("ftrl_dirname", _dirname)
 
 
-def main(cfg: DictConfig) -> dict:
+def main(cfg: DictConfig, overrides: list[str] | None = None) -> dict:
     from ftrl.config import load_run_config
     from ftrl.pipeline import run_pipeline
     from ftrl.report import print_results
@@ -48,7 +48,9 @@ def main(cfg: DictConfig) -> dict:
     tracker = None if run_cfg.dry_run else Tracker(run_cfg)
     exit_code = 1
     try:
-        summary = run_pipeline(run_cfg, tracker=tracker)
+        summary = run_pipeline(run_cfg, tracker=tracker, overrides=overrides)
+        if tracker is not None and tracker.active:
+            _settle_wandb(tracker, run_cfg.run_dir)
         exit_code = 0
     finally:
         if tracker is not None:
@@ -58,19 +60,85 @@ def main(cfg: DictConfig) -> dict:
     return summary
 
 
+def _settle_wandb(tracker: object, run_dir: str) -> None:
+    """After the pipeline: record that this W&B run got live metrics, or, if nothing new ran, replay the
+    recorded ones into it (once) or say where the run's metrics already are."""
+    from ftrl.artifacts import RunDir, read_json, write_json
+    from ftrl.tracking import replay_recorded_metrics
+
+    rd = RunDir(run_dir)
+    run_id = tracker.wandb_run.id  # type: ignore[attr-defined]
+    manifest = read_json(rd.manifest)
+    if tracker.logged:  # type: ignore[attr-defined]
+        if run_id not in manifest.get("wandb_live", []):
+            manifest.setdefault("wandb_live", []).append(run_id)
+            write_json(rd.manifest, manifest)
+        return
+    if run_id in manifest.get("wandb_live", []) + manifest.get("wandb_replayed", []):
+        log.warning("wandb: nothing new ran; W&B run %s already holds this run's metrics (offline files under "
+                    "%s/wandb; upload them with `python launchers/wandb_sync.py`)", run_id, rd.root)
+        return
+    sent = replay_recorded_metrics(tracker, rd.root)  # type: ignore[arg-type]
+    log.warning("wandb: nothing new ran; replayed the run's %d recorded metric rows (training history and "
+                "eval) into W&B run %s", sent, run_id)
+
+
+def _debug() -> bool:
+    return os.environ.get("FTRL_DEBUG", "").lower() in ("1", "true", "yes")
+
+
+def _user_error(error: BaseException) -> int:
+    """One line for a problem the user can fix (traceback with FTRL_DEBUG=1); the exit code."""
+    from ftrl.errors import ConfigError
+
+    kind = "config error" if isinstance(error, ConfigError) else "error"
+    log.error("%s: %s", kind, error, exc_info=_debug())
+    if not _debug():
+        log.error("(FTRL_DEBUG=1 shows the traceback)")
+    return 2
+
+
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def hydra_main(cfg: DictConfig) -> None:
-    from ftrl.config import ConfigError
+    from hydra.core.hydra_config import HydraConfig
+
+    from ftrl.errors import FtrlError
 
     try:
-        main(cfg)
-    except ConfigError as error:
-        log.error("config error: %s", error)
-        sys.exit(2)
+        main(cfg, overrides=list(HydraConfig.get().overrides.task))
+    except FtrlError as error:
+        sys.exit(_user_error(error))
+
+
+def _command_line_overrides(argv: list[str]) -> list[str]:
+    return [arg for arg in argv if "=" in arg and not arg.startswith("-")]
+
+
+def precheck(argv: list[str]) -> None:
+    """Checks Hydra itself would make late or not at all: unknown keys (with the valid keys of their
+    section), and, for ``--cfg``/``-c`` (which prints without running), the whole config's validation."""
+    from ftrl.config import check_override_keys, load_run_config, schema_keys
+
+    overrides = _command_line_overrides(argv)
+    groups = [p.name for p in CONF_DIR.iterdir() if p.is_dir() and p.name not in (schema_keys("") or [])]
+    check_override_keys(overrides, groups)
+    if "--cfg" in argv or "-c" in argv:
+        from hydra import compose, initialize_config_dir
+
+        job = [o for o in overrides if not o.lstrip("+~").startswith(("hydra.", "hydra/"))]
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            load_run_config(compose(config_name="config", overrides=["run_dir=.", *job]))
 
 
 if __name__ == "__main__":
     if not CONF_DIR.is_dir():
         sys.exit(f"ftrl: config directory {CONF_DIR} not found; install the project with `pip install -e .`")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from ftrl.errors import FtrlError
+
+    try:
+        precheck(sys.argv[1:])
+    except FtrlError as error:
+        logging.basicConfig(format="[%(name)s][%(levelname)s] %(message)s")
+        sys.exit(_user_error(error))
     hydra_main()

@@ -38,6 +38,7 @@ class RunContext:
     run_dir: RunDir
     tracker: Any = None
     cache: dict[str, Any] = field(default_factory=dict)
+    steps_run: list[str] = field(default_factory=list)  # the steps this invocation ran (not skipped)
 
     # ------------------------------------------------------------ checkpoints
     def base_policy(self) -> Path | str:

@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from ftrl.artifacts import read_json, write_json
+from ftrl.config import RunConfig
+from ftrl.errors import ConfigError, MissingInputError
 from ftrl.llm.tiny import ensure_base_model
 from ftrl.registry import BENCHMARKS, ENV_SOURCES
 from ftrl.run_state import RunContext, Step
@@ -64,12 +66,13 @@ def build_envs(ctx: RunContext) -> dict[str, Any]:
         splits.setdefault(split, [])
         if cap is not None:
             splits[split] = splits[split][:cap]
+    gate_report = gate_envs(ctx, splits)
     counts = {split: dict(sorted(Counter(r["data_source"] for r in records).items()))
               for split, records in splits.items()}
     for split, records in splits.items():
         write_jsonl(ctx.run_dir.envs(split), records)
     digest = env_set_hash(splits)
-    manifest = {"source": cfg.envs.name, "env_set_hash": digest, "counts": counts}
+    manifest = {"source": cfg.envs.name, "env_set_hash": digest, "counts": counts, "gate": gate_report.as_dict()}
     source_manifest = getattr(splits, "manifest", None)  # LLM-built / imported sets describe their build
     if source_manifest:
         manifest["source_manifest"] = source_manifest
@@ -79,6 +82,33 @@ def build_envs(ctx: RunContext) -> dict[str, Any]:
         log.info("envs %s: %d (%s)", split, sum(per_scenario.values()),
                  ", ".join(f"{k}={v}" for k, v in per_scenario.items()))
     return {"env_set_hash": digest, "train": len(splits["train"]), "test": len(splits["test"])}
+
+
+def gate_envs(ctx: RunContext, splits: dict[str, list[dict]]) -> Any:
+    """Pass every source's records through ``ftrl.envs.gate`` (in place), then refuse an empty needed split."""
+    from ftrl.envs.executor import executor_from_config
+    from ftrl.envs.gate import check_needed_splits, gate_records
+
+    cfg = ctx.cfg
+    kept, report = gate_records(splits, timeout=cfg.reward.tool_timeout_s, invalid=cfg.envs.invalid,
+                                locations=getattr(splits, "locations", None), executor=executor_from_config(cfg))
+    splits.update(kept)
+    (log.warning if sum(report.dropped.values()) else log.info)("%s", report.summary())
+    stages = cfg.stages
+    needed = {}
+    if ctx.warm_start_enabled() or "collect" in stages or "train" in stages:
+        needed["train"] = "stages " + "/".join(s for s in ("collect", "train") if s in stages)
+    if "eval" in stages and "ftrl_test" in cfg.eval.benchmarks:
+        needed["test"] = "eval (benchmark ftrl_test)"
+    files = {"train": cfg.envs.files.train, "test": cfg.envs.files.test} if cfg.envs.name == "ftrl_files" else {}
+    origins = {split: f"envs.files.{split}='{path}'" if path else f"envs=ftrl_files (envs.files.{split} unset)"
+               for split, path in files.items()} or {split: f"envs={cfg.envs.name}" for split in ("train", "test")}
+    check_needed_splits(splits, needed, origins, report)
+    if ctx.warm_start_enabled() and not any(record.get("gold_calls") for record in splits.get("train", [])):
+        raise ConfigError(f"model.warm_start=true learns from gold trajectories, but no train environment of "
+                          f"{origins['train']} has gold_calls (the FTRL release's files have none); set "
+                          f"model.warm_start=false or use environments with gold calls")
+    return report
 
 
 # ------------------------------------------------------------------------------------ collect
@@ -150,39 +180,94 @@ def plot_run_rewards(ctx: RunContext) -> Path | None:
     for row in rows:
         row["step"] = row.get("global_step", row["step"])
     path = ctx.run_dir.reward_curve
-    plot_reward_curve(rows, path)
+    plot_reward_curve(rows, path, reward_name=ctx.cfg.reward.name)
     return path
 
 
 # ------------------------------------------------------------------------------------ eval
+# Eval keys that do not change results: which checkpoints to evaluate, and how many conversations
+# share a forward pass (greedy decoding; padding may move a last float digit, not a metric).
+_EVAL_KEYS_WITHOUT_EFFECT = ("name", "checkpoints", "batch_size")
+
+
+def eval_settings(cfg: RunConfig) -> dict[str, Any]:
+    """The settings an evaluation result is only valid for (recorded next to it as ``settings.json``)."""
+    from ftrl.config import to_container
+
+    return {k: v for k, v in to_container(cfg)["eval"].items() if k not in _EVAL_KEYS_WITHOUT_EFFECT}
+
+
+def _fresh_eval(ctx: RunContext, name: str, settings: dict[str, Any]) -> bool:
+    """Whether checkpoint ``name`` has finished results made with ``settings``.
+
+    Results (finished or partial) made with other settings, or any when ``rerun=[eval]``, are moved
+    to ``eval/archive/``; partial results made with the same settings stay, and evaluation resumes them.
+    """
+    rd = ctx.run_dir
+    folder = rd.eval_metrics(name).parent
+    has_results = rd.is_done(f"eval_{name}") and rd.eval_metrics(name).exists()
+    recorded = read_json(rd.eval_settings(name)) if rd.eval_settings(name).exists() else None
+    if has_results and recorded is None:  # made before settings were recorded: assume the current ones
+        log.warning("eval %s: results recorded no settings; taking them as made with %s", name, settings)
+        write_json(rd.eval_settings(name), settings)
+        recorded = settings
+    if recorded == settings and "eval" not in ctx.cfg.rerun:
+        return has_results  # not finished: the benchmark resumes its records sample by sample
+    if folder.exists() and any(folder.iterdir()):
+        archive = rd.eval_archive(name)
+        archive.parent.mkdir(parents=True, exist_ok=True)
+        folder.rename(archive)
+        reason = "rerun=[eval]" if recorded == settings else f"settings changed: {_settings_diff(recorded, settings)}"
+        log.info("eval %s: evaluating again (%s); earlier results moved to %s", name, reason, archive)
+    rd.stage_marker(f"eval_{name}").unlink(missing_ok=True)
+    return False  # "eval" in rerun with nothing recorded yet also lands here
+
+
+def _settings_diff(old: dict[str, Any] | None, new: dict[str, Any]) -> str:
+    if old is None:
+        return "none recorded"
+    return ", ".join(f"eval.{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
+                     if old.get(k) != new.get(k))
+
+
 def evaluate(ctx: RunContext) -> dict[str, Any]:
-    cfg = ctx.cfg
+    """Evaluate every checkpoint that has no result made with the current eval settings.
+
+    A result made with other settings (``eval.max_samples``, ``eval.temperature``, benchmarks, ...)
+    is moved to ``eval/archive/`` and the checkpoint is evaluated again; ``rerun=[eval]`` forces it.
+    The summary and table show only results made with the current settings.
+    """
+    cfg, rd = ctx.cfg, ctx.run_dir
+    settings = eval_settings(cfg)
     checkpoints = ctx.checkpoints()
     if cfg.eval.checkpoints == "last":
         checkpoints = checkpoints[-1:]
+    chosen = {name for name, _ in checkpoints}
     all_metrics: dict[str, dict[str, float]] = {}
-    if ctx.run_dir.eval_summary.exists():
-        all_metrics.update(read_json(ctx.run_dir.eval_summary))
-    for name, policy in checkpoints:
-        marker = f"eval_{name}"
-        if ctx.run_dir.is_done(marker) and ctx.run_dir.eval_metrics(name).exists():
-            all_metrics[name] = read_json(ctx.run_dir.eval_metrics(name))
+    for name, policy in ctx.checkpoints():
+        if name not in chosen:  # keep other checkpoints' results only if they match the settings
+            if rd.eval_settings(name).exists() and read_json(rd.eval_settings(name)) == settings:
+                all_metrics[name] = read_json(rd.eval_metrics(name))
             continue
+        if _fresh_eval(ctx, name, settings):
+            all_metrics[name] = read_json(rd.eval_metrics(name))
+            continue
+        write_json(rd.eval_settings(name), settings)  # first, so a killed evaluation resumes only under them
         engine = engine_for(ctx, policy, batch_size=cfg.eval.batch_size)
         metrics: dict[str, float] = {}
         for benchmark in cfg.eval.benchmarks:
             metrics.update(BENCHMARKS.get(benchmark)(ctx, engine, name))
-        write_json(ctx.run_dir.eval_metrics(name), metrics)
-        ctx.run_dir.mark_done(marker)
+        write_json(rd.eval_metrics(name), metrics)
+        rd.mark_done(f"eval_{name}")
         all_metrics[name] = metrics
         if ctx.tracker is not None:
             ctx.tracker.log({f"eval/{name}/{k}": v for k, v in metrics.items()})
-    write_json(ctx.run_dir.eval_summary, all_metrics)
+    write_json(rd.eval_summary, all_metrics)
     order = [name for name, _ in ctx.checkpoints() if name in all_metrics]
-    summary = {"evals": [{"checkpoint": name, "metrics": all_metrics[name]} for name in order]}
-    previous = read_json(ctx.run_dir.summary) if ctx.run_dir.summary.exists() else {}
-    previous.update(summary)
-    write_json(ctx.run_dir.summary, previous)
+    summary = read_json(rd.summary) if rd.summary.exists() else {}
+    summary.update({"evals": [{"checkpoint": name, "metrics": all_metrics[name]} for name in order],
+                    "eval_settings": settings})
+    write_json(rd.summary, summary)
     if ctx.tracker is not None and order:
         ctx.tracker.summary(all_metrics[order[-1]])
     return {"checkpoints": order}
@@ -196,8 +281,12 @@ def analyze(ctx: RunContext) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------ dry run
-def dry_run_plan(ctx: RunContext, steps: list[Step]) -> dict[str, Any]:
-    """Print what a run would do (steps, policies, backend command) without doing it."""
+def dry_run_plan(ctx: RunContext, steps: list[Step], problems: list[str]) -> dict[str, Any]:
+    """Print what a run would do (steps, inputs, backend command) without doing it.
+
+    ``problems`` are the preflight's missing inputs: they are listed, and the dry run then fails
+    (exit code 2) so a script can use ``dry_run=true`` as a check before submitting a job.
+    """
     cfg = ctx.cfg
     lines = [f"run_dir: {ctx.run_dir.root}", f"model: {cfg.model.name} ({cfg.model.path or 'built in run dir'})",
              (f"algorithm: {cfg.algorithm.name}  reward: {cfg.reward.name}/{cfg.reward.compat}  "
@@ -213,5 +302,22 @@ def dry_run_plan(ctx: RunContext, steps: list[Step]) -> dict[str, Any]:
         lines.append("verl command (round 1):")
         lines.append("  " + " \\\n    ".join(command))
         plan["verl_command"] = command
+    lines += _input_lines(ctx.cfg, problems)
     print("\n".join(lines))
+    if problems:
+        raise MissingInputError(f"dry run: {len(problems)} missing input(s): " + "; ".join(problems))
     return plan
+
+
+def _input_lines(cfg: RunConfig, problems: list[str]) -> list[str]:
+    from ftrl.inputs import run_inputs
+
+    lines = ["inputs:"]
+    for item in run_inputs(cfg):
+        problem = next((p for p in problems if p.startswith(item.key + ":")), None)
+        where = f"${item.path}" if item.kind == "api_key" else item.path
+        state = "missing" if problem else ("hub" if item.kind == "model" and item.hub_ok else "ok")
+        lines.append(f"  [{state}] {item.key}: {where} (read by {item.stage})" + (f" -- {problem}" if problem else ""))
+    if len(lines) == 1:
+        lines.append("  (none outside the run directory)")
+    return lines

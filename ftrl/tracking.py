@@ -159,6 +159,7 @@ class Tracker:
         self.cfg = cfg
         self.job_type = job_type or job_type_for(cfg.stages)
         self._wandb_run: Any = None
+        self.logged = 0  # log calls of this job; 0 after a run whose steps were all done already
         if not wandb_enabled(cfg):
             return
         import wandb
@@ -181,7 +182,12 @@ class Tracker:
         """The live ``wandb`` run, or None when W&B is off or the run is finished."""
         return self._wandb_run
 
+    @property
+    def active(self) -> bool:
+        return self._wandb_run is not None
+
     def log(self, metrics: Mapping[str, Any], step: int | None = None) -> None:
+        self.logged += 1
         if self._wandb_run is not None:
             # W&B's own step must only grow; stages log at different paces, so the training step
             # travels as a metric (the x-axis to choose in the dashboard) instead.
@@ -206,3 +212,41 @@ class Tracker:
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  traceback: TracebackType | None) -> None:
         self.finish(0 if exc_type is None else 1)
+
+
+def replay_recorded_metrics(tracker: Tracker, run_dir: Path | str) -> int:
+    """Send a finished run's recorded metrics to ``tracker``'s W&B run; returns the rows sent.
+
+    For ``logger=wandb`` added to a run whose steps were all done already: without this the new W&B
+    run would be empty. Sends the warm start's and every round's per-step history (``history.jsonl``,
+    with ``trainer/global_step``) and each checkpoint's eval metrics, and records in the manifest that
+    this W&B run holds them, so a later invocation does not send them twice.
+    """
+    from ftrl.artifacts import RunDir, read_json, write_json
+
+    rd = RunDir(run_dir)
+    run_id = tracker.wandb_run.id if tracker.wandb_run is not None else None
+    manifest = read_json(rd.manifest) if rd.manifest.exists() else {}
+    if run_id is None or run_id in manifest.get("wandb_replayed", []):
+        return 0
+    sent = 0
+    histories = [rd.warmup_history] + [rd.train_history(k) for k in range(1, 1000) if rd.train_history(k).exists()]
+    for path in histories:
+        if not path.exists():
+            continue
+        for line in path.read_text(encoding="utf-8").splitlines():
+            if line.strip():
+                row = json.loads(line)
+                step = row.get("global_step", row.get("step"))
+                tracker.log({k: v for k, v in row.items() if isinstance(v, (int, float)) and not isinstance(v, bool)},
+                            step=step if isinstance(step, int) else None)
+                sent += 1
+    evals = read_json(rd.eval_summary) if rd.eval_summary.exists() else {}
+    for name, metrics in evals.items():
+        tracker.log({f"eval/{name}/{k}": v for k, v in metrics.items()})
+        sent += 1
+    if evals:
+        tracker.summary(list(evals.values())[-1])
+    manifest.setdefault("wandb_replayed", []).append(run_id)
+    write_json(rd.manifest, manifest)
+    return sent

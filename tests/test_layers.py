@@ -2,8 +2,8 @@
 
 Layers, top to bottom (a module may import its own layer's package-mates and anything below):
 
-    run | report | pipeline, stages | analysis | eval | train | builder | collect | reward | llm | envs
-    | tracking, run_state | artifacts, config | params, registry | types, errors
+    run | report | pipeline, stages, inputs | analysis | eval | train | builder | collect | reward | llm | envs
+    | tracking, run_state, progress | artifacts, config | params, registry | types, errors
 
 Imports inside functions count (lazy imports are still dependencies); imports under
 ``if TYPE_CHECKING:`` count too. Registry entries are ``"module:attr"`` strings, not imports, so the
@@ -27,7 +27,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "ftrl"
 LAYERS: list[tuple[str, ...]] = [
     ("ftrl.run",),
     ("ftrl.report",),
-    ("ftrl.pipeline", "ftrl.stages"),
+    ("ftrl.pipeline", "ftrl.stages", "ftrl.inputs"),
     ("ftrl.analysis",),
     ("ftrl.eval",),
     ("ftrl.train",),
@@ -36,15 +36,15 @@ LAYERS: list[tuple[str, ...]] = [
     ("ftrl.reward",),
     ("ftrl.llm",),
     ("ftrl.envs",),
-    ("ftrl.tracking", "ftrl.run_state"),
+    ("ftrl.tracking", "ftrl.run_state", "ftrl.progress"),
     ("ftrl.artifacts", "ftrl.config"),
     ("ftrl.params", "ftrl.registry"),
     ("ftrl.types", "ftrl.errors"),
 ]
 # Same-layer imports that are allowed although the modules are not in one package (the pipeline
 # runs the stage functions).
-SAME_LAYER_ALLOWED = {("ftrl.pipeline", "ftrl.stages"), ("ftrl.run_state", "ftrl.artifacts"),
-                      ("ftrl.run_state", "ftrl.config")}
+SAME_LAYER_ALLOWED = {("ftrl.pipeline", "ftrl.stages"), ("ftrl.pipeline", "ftrl.inputs"), ("ftrl.stages", "ftrl.inputs"),
+                      ("ftrl.run_state", "ftrl.artifacts"), ("ftrl.run_state", "ftrl.config")}
 
 
 def _module_name(path: Path) -> str:

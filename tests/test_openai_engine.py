@@ -10,6 +10,8 @@ from the named environment variable, and the registry wiring (``model.engine=ope
 from __future__ import annotations
 
 import json
+import logging
+import re
 import threading
 
 import pytest
@@ -221,3 +223,67 @@ def test_model_engine_openai_builds_from_the_run_config(monkeypatch) -> None:
 def test_wire_messages_reject_unknown_roles() -> None:
     with pytest.raises(ValueError, match=r"messages\[0\]: role 'bot'"):
         to_wire_messages([{"role": "bot", "content": "x"}])
+
+
+def _dead_endpoint() -> str:
+    """A local URL nothing listens on: every request fails with a refused connection."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    return f"http://127.0.0.1:{port}/v1"
+
+
+def _engine_warnings(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records
+            if r.name == "ftrl.llm.engines.openai" and r.levelno >= logging.WARNING]
+
+
+def test_a_dead_endpoint_is_reported_once_with_the_schedule_then_summarised(caplog) -> None:
+    """45 concurrent requests to an endpoint that refuses connections: two lines, not one per request."""
+    delays: list[float] = []
+    engine = OpenAIEngine("stub-model", _dead_endpoint(), api_key="", concurrency=45, max_retries=5,
+                          timeout_s=5.0, sleep=delays.append)
+    requests = [ChatRequest(messages=[{"role": "user", "content": f"q{i}"}]) for i in range(45)]
+    with caplog.at_level(logging.DEBUG, logger="ftrl.llm.engines.openai"), \
+            pytest.raises(APIError, match="failed after 6 attempts: connection failed"):
+        engine.generate(requests, SamplingParams(max_new_tokens=8))
+    warnings = _engine_warnings(caplog)
+    assert len(warnings) == 2, warnings
+    first, summary = warnings
+    assert "connection failed" in first
+    assert "retrying each request: 5 retries after 1, 2, 4, 8, 16 s (31 s in all" in first
+    assert "counted, not logged one by one; a summary follows" in first
+    # The batch stops at its first error; requests not started by then are cancelled, so up to 45 ran.
+    counts = re.search(r"still failing: (\d+) failed attempts by (\d+) requests over [\d.]+ s, (\d+) requests given "
+                       r"up; last error: connection failed", summary)
+    assert counts, summary
+    attempts, requests_run, given_up = map(int, counts.groups())
+    assert attempts == 6 * requests_run and given_up == requests_run and 1 <= requests_run <= 45
+    assert len(delays) == 5 * requests_run == engine.usage.retries
+
+
+def test_requests_outside_a_batch_and_a_recovery_are_summarised(caplog) -> None:
+    engine = OpenAIEngine("stub-model", _dead_endpoint(), api_key="", max_retries=1, sleep=lambda s: None)
+    with caplog.at_level(logging.INFO, logger="ftrl.llm.engines.openai"):
+        for _ in range(3):  # the environment builder calls chat() from its own threads
+            with pytest.raises(APIError):
+                engine.chat(USER)
+        engine.close()
+    warnings = _engine_warnings(caplog)
+    assert len(warnings) == 3, warnings  # the first failure, the first give-up, the close
+    assert "1 retries after 1 s" in warnings[0]
+    assert "2 failed attempts by 1 requests" in warnings[1] and "1 requests given up" in warnings[1]
+    assert "6 failed attempts by 3 requests" in warnings[2] and "3 requests given up" in warnings[2]
+
+    caplog.clear()
+    replies = [Reply(503, {"error": {"message": "busy"}}), Reply(503, {"error": {"message": "busy"}}),
+               Reply(200, completion("back"))]
+    with StubServer(_scripted(replies)) as server, caplog.at_level(logging.INFO, logger="ftrl.llm.engines.openai"):
+        engine, delays = _engine(server)
+        [result] = engine.chat(USER)
+    assert result.text == "back" and delays == [0.25, 0.5]
+    assert len(_engine_warnings(caplog)) == 1
+    [recovered] = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO]
+    assert "answering again; 2 failed attempts by 1 requests" in recovered

@@ -184,7 +184,7 @@ def test_run_is_finished_with_exit_code_1_when_the_job_fails(offline_wandb: Path
     import ftrl.pipeline
     import ftrl.run
 
-    def failing_pipeline(cfg: RunConfig, tracker: Tracker) -> dict:
+    def failing_pipeline(cfg: RunConfig, tracker: Tracker, overrides: list[str] | None = None) -> dict:
         tracker.log({"reward/score": 0.1}, step=1)
         raise RuntimeError("collect crashed")
 
@@ -238,3 +238,32 @@ def test_bad_verl_metrics_line_names_file_and_line(tmp_path: Path) -> None:
     path.write_text('{"step": 1, "data": {}}\n{"oops": 1}\n')
     with pytest.raises(ValueError, match=r"m\.jsonl:2"):
         list(read_verl_metrics_file(path))
+
+
+def test_wandb_added_to_a_finished_run_replays_its_metrics_once(offline_wandb: Path) -> None:
+    from ftrl.artifacts import RunDir, write_json, write_manifest
+    from ftrl.config import to_container
+    from ftrl.run import _settle_wandb
+
+    run_dir = offline_wandb / "finished"
+    rd = RunDir(run_dir)
+    cfg = _config(run_dir)
+    write_manifest(rd, to_container(cfg))
+    rd.warmup_history.parent.mkdir(parents=True)
+    rd.warmup_history.write_text("".join(json.dumps({"step": s, "warmup/loss": 3.0 - s}) + "\n" for s in (1, 2)))
+    rd.train_history(1).parent.mkdir(parents=True)
+    rd.train_history(1).write_text(json.dumps({"step": 1, "global_step": 1, "reward/score": 0.25}) + "\n")
+    write_json(rd.eval_summary, {"round1": {"ftrl_test/solve_f1": 0.5}})
+
+    with Tracker(cfg) as tracker:  # nothing ran in this job
+        _settle_wandb(tracker, str(run_dir))
+    rows = _read_run(run_dir)["history"]
+    assert [row.get("warmup/loss") for row in rows[:2]] == [2.0, 1.0]
+    assert rows[2]["reward/score"] == 0.25 and rows[2]["trainer/global_step"] == 1
+    assert rows[3]["eval/round1/ftrl_test/solve_f1"] == 0.5
+    replayed = json.loads(rd.manifest.read_text())["wandb_replayed"]
+    assert replayed == [run_id_for(str(run_dir), "pipeline")]
+
+    with Tracker(cfg) as tracker:  # the same W&B run already holds them: nothing is sent twice
+        _settle_wandb(tracker, str(run_dir))
+        assert tracker.logged == 0

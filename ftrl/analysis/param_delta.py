@@ -490,6 +490,19 @@ def summarize(aggregated: DeltaAggregate, num_layers: int) -> str:
     return "\n".join(lines)
 
 
+def _outside_note(aggregated: DeltaAggregate, num_layers: int) -> str | None:
+    """The heat-map's line on the cells outside the layers (its right panel): which, and their share."""
+    outside = [module for layer, module in aggregated.cells if layer is None]
+    if not outside:
+        return None
+    share = summary_numbers(aggregated, num_layers)["share_outside_layers"]
+    note = (f"outside the layers ({', '.join(cell_label((None, m)) for m in outside)}; right panel): "
+            f"{_percent(share)} of the squared change")
+    if "embed" in outside and "lm_head" not in outside:
+        note += "; no lm_head tensor (tied to the embedding)"
+    return note
+
+
 # ------------------------------------------------------------------------------ one comparison
 def num_layers_of(checkpoint: str | os.PathLike) -> int | None:
     """``num_hidden_layers`` from the checkpoint's ``config.json`` (also under ``text_config``), if any."""
@@ -525,7 +538,7 @@ def analyze_checkpoints(base_path: str | os.PathLike, target_path: str | os.Path
 
     write_param_delta_csv(report.rows, out_dir / PARAM_DELTA_CSV)
     plot_delta_heatmap(aggregated.rel_changes(), out_dir / HEATMAP_PNG,
-                       title=f"relative change ||dW|| / ||W||: {label}")
+                       title=f"relative change ||dW|| / ||W||: {label}", note=_outside_note(aggregated, num_layers))
     text = "\n".join([f"param delta: {label}", summarize(aggregated, num_layers), *report.warnings()]) + "\n"
     (out_dir / SUMMARY_TXT).write_text(text, encoding="utf-8")
     numbers = {"label": label, "base": str(base_path), "target": str(target_path),

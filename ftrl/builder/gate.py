@@ -144,7 +144,8 @@ def _evidence(candidate: procedural.Candidate, verdict: str, timeout: float) -> 
 
     record = candidate.record
     codes = json.loads(record["codes"])
-    if verdict in (procedural.GOLD_CALL_ERROR, procedural.GOLD_UNSOLVED, procedural.ANSWER_UNREACHABLE):
+    if verdict in (procedural.GOLD_CALL_ERROR, procedural.TOOL_TIMEOUT, procedural.GOLD_UNSOLVED,
+                   procedural.ANSWER_UNREACHABLE):
         calls = [call for turn in json.loads(record["gold_calls"]) for call in turn]
         label = "gold"
     elif verdict in (procedural.INVALID_CALL_ACCEPTED, procedural.INVALID_CALL_LEAKS):

@@ -21,6 +21,7 @@ from typing import Any
 
 from ftrl.artifacts import atomic_path, atomic_write
 from ftrl.config import FilesConfig
+from ftrl.errors import FtrlError
 from ftrl.types import REFERENCE_FIELDS, SPLITS
 
 log = logging.getLogger(__name__)
@@ -31,8 +32,11 @@ ROLES: tuple[str, ...] = ("system", "user", "assistant", "tool")
 _MESSAGE_CORE_KEYS: frozenset[str] = frozenset({"role", "content"})
 
 
-class RecordError(ValueError):
-    """A record (or a file of them) does not follow the reference schema; the message says where."""
+class RecordError(FtrlError, ValueError):
+    """A record (or a file of them) does not follow the reference schema; the message says where.
+
+    A user-fixable input problem (:class:`~ftrl.errors.FtrlError`): the entrypoints print it as one line.
+    """
 
 
 # ----------------------------------------------------------------------------------------- reading
@@ -278,13 +282,35 @@ def validate_record(record: Mapping[str, Any], where: str) -> None:
         _check_gold_calls(record, where, tool_names)
 
 
+STORED_AS_STRINGS: tuple[str, ...] = ("tools", "codes", "unsolved_set", "gold_calls")
+
+
+def check_stored_strings(record: Mapping[str, Any], where: str) -> None:
+    """``tools``/``codes``/``unsolved_set``/``gold_calls`` (when present) must be JSON strings.
+
+    The reference format stores them as strings (docs/reference.md §2) and its trainer ``json.loads``
+    them; a list or object given directly would also reach Parquet as a struct column, which cannot
+    hold tools or codes whose shapes differ between records (the round-2 snapshot write fails). So an
+    input file that stores one decoded is refused here, at its line, rather than silently rewritten.
+    """
+    for key in STORED_AS_STRINGS:
+        value = record.get(key)
+        if value is not None and not isinstance(value, str):
+            raise RecordError(f"{where}: field '{key}' must be stored as a JSON string (the reference format), "
+                              f"got a {type(value).__name__}; write it as json.dumps(...)")
+
+
 # ------------------------------------------------------------------------------ environment sources
-def load_ftrl_files(files_cfg: FilesConfig, *, validate: bool = True) -> dict[str, list[dict]]:
+def load_ftrl_files(
+    files_cfg: FilesConfig, *, validate: bool = True, locations: dict[str, list[str]] | None = None
+) -> dict[str, list[dict]]:
     """Load the reference ``train``/``test`` files (``.jsonl`` or ``.parquet``) named by ``envs.files``.
 
     Either path may be unset (that split comes back empty); a set path that does not exist, or a
-    record that breaks the schema, raises with the config key, the file and the line. Records keep
-    every field, extra ones included.
+    record that breaks the schema (``validate``: :func:`validate_record` and
+    :func:`check_stored_strings`), or a file without records, raises with the config key, the file
+    and the line. Records keep every field, extra ones included. ``locations``, when given, receives
+    each record's ``file:line`` per split (for the environment gate's report).
     """
     paths = {"train": files_cfg.train, "test": files_cfg.test}
     if not any(paths.values()):
@@ -301,11 +327,19 @@ def load_ftrl_files(files_cfg: FilesConfig, *, validate: bool = True) -> dict[st
                                     f"cwd {Path.cwd()})")
         records = []
         mismatched = 0
+        places = []
         for where, record in iter_records(path):
             if validate:
                 validate_record(record, where)
+                check_stored_strings(record, where)
             mismatched += record.get("split") != split
             records.append(record)
+            places.append(where)
+        if not records:
+            raise RecordError(f"envs.files.{split}: '{path}' holds no records; point it at a non-empty reference "
+                              f"file or leave envs.files.{split} unset")
+        if locations is not None:
+            locations[split] = places
         if mismatched:
             log.warning("envs.files.%s: %d of %d records in %s say another split; they are used as %s",
                         split, mismatched, len(records), path, split)

@@ -36,7 +36,6 @@ each a list of ``{"name", "arguments"}`` (used by the supervised warm start).
 from __future__ import annotations
 
 import argparse
-import copy
 import functools
 import json
 import logging
@@ -51,10 +50,11 @@ from pathlib import Path
 from typing import Any
 
 from ftrl.config import ConfigError, ProceduralConfig
+from ftrl.envs import gate as env_gate
 from ftrl.envs import sandbox
-from ftrl.envs.verify import answer_verify, apply_tool_results
+from ftrl.envs.verify import answer_verify
 from ftrl.errors import unknown_choice_message
-from ftrl.types import SCENARIOS, SPLITS, TOOL_ERROR_PREFIX, count_answers, format_tool_error, make_tool_call
+from ftrl.types import SCENARIOS, SPLITS, TOOL_ERROR_PREFIX
 
 log = logging.getLogger(__name__)
 
@@ -66,8 +66,9 @@ DECOY_ROWS = (2, 3)  # look-up rows per table besides the ones the question need
 SCENARIO_KEYS: dict[str, str] = {name.lower().replace(" ", "_").replace("-", "_"): name for name in SCENARIOS}
 
 # Gate rejection reasons (counted in BuildReport.rejected).
-GOLD_CALL_ERROR = "gold_call_error"
-GOLD_UNSOLVED = "gold_leaves_unsolved"
+GOLD_CALL_ERROR = env_gate.GOLD_CALL_ERROR  # the gold-call checks are the shared gate's (ftrl.envs.gate)
+GOLD_UNSOLVED = env_gate.GOLD_UNSOLVED
+TOOL_TIMEOUT = env_gate.TOOL_TIMEOUT
 ANSWER_UNREACHABLE = "answer_not_in_outputs"
 INVALID_CALL_ACCEPTED = "invalid_call_accepted"
 INVALID_CALL_LEAKS = "invalid_call_returns_answer"
@@ -631,8 +632,7 @@ def sample_candidate(scenario: str, cfg: ProceduralConfig | _Settings, rng: rand
 
 
 # ------------------------------------------------------------------------------------------ gate
-def _openai_call(call: Mapping[str, Any], index: int) -> dict[str, Any]:
-    return make_tool_call(call["name"], call["arguments"], f"gate_{index}")
+_openai_call = env_gate.gold_call
 
 
 def _run_jobs(jobs: list[tuple[dict[str, str], list[dict[str, Any]]]], timeout: float) -> list[list[str]]:
@@ -640,8 +640,7 @@ def _run_jobs(jobs: list[tuple[dict[str, str], list[dict[str, Any]]]], timeout: 
     return sandbox.get_sandbox().map_calls(jobs, timeout)
 
 
-def _is_error(output: str, name: str) -> bool:
-    return str(output).startswith(format_tool_error(name, ""))
+_is_error = env_gate.is_error
 
 
 def gate(candidates: Sequence[Candidate], timeout: float = GATE_TIMEOUT_S) -> list[str | None]:
@@ -672,16 +671,9 @@ def _judge(candidate: Candidate, outputs: list[str]) -> str | None:
     invalid_outputs = outputs[gold_count:gold_count + len(candidate.invalid_calls)]
     distractor_outputs = outputs[gold_count + len(candidate.invalid_calls):]
 
-    cursor = 0
-    unsolved = copy.deepcopy(expected)
-    for turn in turns:
-        turn_outputs = gold_outputs[cursor:cursor + len(turn)]
-        cursor += len(turn)
-        if any(_is_error(output, call["name"]) for call, output in zip(turn, turn_outputs)):
-            return GOLD_CALL_ERROR
-        apply_tool_results([_openai_call(call, i) for i, call in enumerate(turn)], turn_outputs, unsolved)
-    if count_answers(unsolved):
-        return GOLD_UNSOLVED
+    verdict, _ = env_gate.judge_gold(turns, gold_outputs, expected)  # gold errors, timeouts, unsolved
+    if verdict is not None:
+        return verdict
     if not all(any(answer_verify(output, part) for output in gold_outputs) for part in record["answer"].split(", ")):
         return ANSWER_UNREACHABLE
 

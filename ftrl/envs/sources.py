@@ -21,9 +21,17 @@ def procedural(cfg: RunConfig) -> Records:
 
 
 def ftrl_files(cfg: RunConfig) -> Records:
-    from ftrl.envs.io import load_ftrl_files
+    """Reference files, loaded unvalidated: ``build_envs``'s gate checks (and drops or refuses) each record.
 
-    return load_ftrl_files(cfg.envs.files)
+    The result carries ``locations`` (each record's ``file:line``) for the gate's report.
+    """
+    from ftrl.envs.io import load_ftrl_files
+    from ftrl.envs.sets import EnvRecords
+
+    locations: dict[str, list[str]] = {}
+    records = EnvRecords(load_ftrl_files(cfg.envs.files, validate=False, locations=locations))
+    records.locations = locations  # type: ignore[attr-defined]
+    return records
 
 
 def env_set(cfg: RunConfig) -> Records:

@@ -69,6 +69,9 @@ def load_model_and_tokenizer(
     trust_remote_code: bool = False,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load ``(model, tokenizer)`` from ``path``; the model is in eval mode on ``device``."""
+    from ftrl.progress import quiet_library_bars
+
+    quiet_library_bars()  # no "Loading weights" bar in a log file
     torch_dtype = resolve_dtype(dtype)
     target = resolve_device(device)
     local = Path(path)

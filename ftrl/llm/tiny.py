@@ -411,11 +411,11 @@ def pretrain_copying(model: Qwen3ForCausalLM, tokenizer: PreTrainedTokenizerFast
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     losses: list[float] = []
     model.train()
-    from tqdm.auto import tqdm
+    from ftrl.progress import progress
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        bar = tqdm(range(steps), desc="copy pretraining", unit="step", dynamic_ncols=True)
+        bar = progress(range(steps), desc="copy pretraining", unit="step")
         for _ in bar:
             rows = []
             for _ in range(batch_size):

@@ -24,7 +24,10 @@ log = logging.getLogger(__name__)
 
 def save_hf_checkpoint(model: Any, tokenizer: Any, out_dir: Path) -> Path:
     """Write ``model`` + ``tokenizer`` with save_pretrained (safetensors) atomically to ``out_dir``."""
+    from ftrl.progress import quiet_library_bars
     from ftrl.train.freeze import merge_lora_for_save
+
+    quiet_library_bars()  # no "Writing model shards" bar in a log file
 
     out_dir = Path(out_dir)
     plain = merge_lora_for_save(model)

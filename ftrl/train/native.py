@@ -27,10 +27,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from ftrl.artifacts import HISTORY_JSONL, TRAINER_STATE_PT
 from ftrl.config import RunConfig
+from ftrl.progress import progress
 from ftrl.run_state import RunContext
 from ftrl.train.algorithms import actor_loss, compute_advantages, critic_loss, outcome_rewards, verl_actor_config
 from ftrl.train.batch import TokenBatch, make_token_batch, micro_batches, pad_to, response_logprobs, value_predictions
@@ -78,6 +78,35 @@ class RolloutResult:
     group_index: np.ndarray
     metrics: dict[str, float] = field(default_factory=dict)
     texts: list[str] = field(default_factory=list)
+
+
+class NoCallWatch:
+    """The "no sampled turn made a tool call" warning, once per round instead of once per step.
+
+    A policy that stops calling tools gets no reward signal, worth a warning; but a small model (the
+    ``+debug=smoke`` one) makes no call at any step, and a warning per step buries the log. The first
+    such step of a round warns (saying it is said once), :meth:`finish` logs how many steps had none.
+    """
+
+    def __init__(self, round_k: int) -> None:
+        self.round_k = round_k
+        self.steps = 0
+        self.without_calls = 0
+
+    def observe(self, step: int, metrics: Mapping[str, float]) -> None:
+        self.steps += 1
+        if metrics.get("reward/calls", 0.0) != 0.0:
+            return
+        self.without_calls += 1
+        if self.without_calls == 1:
+            log.warning("round %d step %d: no sampled turn made a tool call (policy collapsing to plain answers?); "
+                        "warned once per round, the count of such steps follows at the round's end",
+                        self.round_k, step)
+
+    def finish(self) -> None:
+        if self.without_calls:
+            log.info("round %d: %d of %d steps had no sampled tool call", self.round_k, self.without_calls,
+                     self.steps)
 
 
 # ------------------------------------------------------------------------------------ trainer
@@ -142,6 +171,7 @@ class NativeTrainer:
         self.state_path = self.out_dir / TRAINER_STATE_PT
         self.history_path = self.out_dir / HISTORY_JSONL
         self.step = 0
+        self.no_calls = NoCallWatch(round_k)
 
     # ---------------------------------------------------------------- data
     def _fit_prompts(self, snapshots: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
@@ -347,9 +377,7 @@ class NativeTrainer:
         started = time.time()
         prompts = self.prompts_for_step(self.step)
         rollout = self.rollout(prompts, seed=step_seed(self.cfg.seed, self.round_k, self.step))
-        if rollout.metrics.get("reward/calls", 0.0) == 0.0:
-            log.warning("step %d: no sampled turn made a tool call (policy collapsing to plain answers?)",
-                        self.step)
+        self.no_calls.observe(self.step, rollout.metrics)
         metrics = dict(rollout.metrics)
         update_started = time.time()
         metrics.update(self.update(rollout))
@@ -364,8 +392,7 @@ class NativeTrainer:
         self._resume()
         if self.total_steps == 0:
             raise ValueError(f"round {self.round_k}: no snapshots to train on")
-        bar = tqdm(total=self.total_steps, initial=self.step, desc=f"train r{self.round_k}", unit="step",
-                   dynamic_ncols=True)
+        bar = progress(total=self.total_steps, initial=self.step, desc=f"train r{self.round_k}", unit="step")
         while self.step < self.total_steps:
             metrics = self.train_step()
             row = {"round": self.round_k, "step": self.step, "global_step": self.step_offset + self.step, **metrics}
@@ -379,6 +406,7 @@ class NativeTrainer:
             bar.update(1)
             bar.set_postfix(reward=f"{metrics['reward/score']:.3f}", kl=f"{metrics.get('actor/kl_loss', 0):.4f}")
         bar.close()
+        self.no_calls.finish()
         return read_history(self.history_path)
 
 

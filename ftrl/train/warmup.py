@@ -23,9 +23,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from ftrl.llm.parsers import format_qwen_tool_calls
+from ftrl.progress import progress
 from ftrl.run_state import RunContext
 from ftrl.types import Sample, make_tool_call
 
@@ -139,7 +139,7 @@ def run_warmup(ctx: RunContext, base_policy: Path | str) -> dict[str, Any]:
     model.train()
     started = time.time()
     losses = []
-    bar = tqdm(range(settings.steps), desc="warmup", unit="step", dynamic_ncols=True)
+    bar = progress(range(settings.steps), desc="warmup", unit="step")
     for step in bar:
         batch = [pairs[rng.randrange(len(pairs))] for _ in range(settings.batch_size)]
         loss = sft_loss(model, batch, tokenizer.pad_token_id, device)

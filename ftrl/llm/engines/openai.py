@@ -13,7 +13,10 @@ Robustness and accounting: at most ``concurrency`` requests are in flight at onc
 per engine, shared by every thread that uses it); 408/409/425/429/5xx replies, timeouts and
 connection errors are retried up to ``max_retries`` times, waiting the server's ``Retry-After`` or
 ``backoff_base_s * 2**attempt`` (capped at ``backoff_max_s``); other 4xx fail at once with the
-server's message. Every reply's ``usage`` is added to :attr:`usage` (requests, prompt/completion
+server's message. An unreachable or failing endpoint is logged once, when its first request fails
+(with the retry schedule), then summarised (failed attempts, requests given up, for how long) when a
+batch of concurrent requests ends, when it answers again, or when the engine closes: not once per
+request and retry. Every reply's ``usage`` is added to :attr:`usage` (requests, prompt/completion
 tokens, retries, cost from the per-million-token prices). The API key comes from the environment
 variable named by ``api_key_env`` (``model.api.api_key_env``; an empty name means no key, e.g. a
 local vLLM server started without ``--api-key``).
@@ -50,6 +53,7 @@ from ftrl.types import make_tool_call
 log = logging.getLogger(__name__)
 
 RETRYABLE_STATUS: frozenset[int] = frozenset({408, 409, 425, 429, 500, 502, 503, 504})
+OUTAGE_SUMMARY_EVERY_S = 60.0  # requests given up outside a batch are summarised at most this often
 
 
 class APIError(RuntimeError):
@@ -79,6 +83,27 @@ class Usage:
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+@dataclass
+class _Outage:
+    """A run of failed attempts against one endpoint, from its first failure to its next success."""
+
+    since: float
+    failed_attempts: int = 0
+    requests: int = 0  # requests with at least one failed attempt
+    given_up: int = 0  # requests that failed every attempt
+    last_error: str = ""
+    summarized: tuple[int, int, int] = (0, 0, 0)
+    summarized_at: float = float("-inf")
+
+    def counts(self) -> tuple[int, int, int]:
+        return self.failed_attempts, self.requests, self.given_up
+
+    def describe(self) -> str:
+        return (f"{self.failed_attempts} failed attempts by {self.requests} requests over "
+                f"{time.monotonic() - self.since:.1f} s, {self.given_up} requests given up; "
+                f"last error: {self.last_error}")
 
 
 @dataclass
@@ -215,6 +240,8 @@ class OpenAIEngine(ChatEngine):
         self._slots = threading.BoundedSemaphore(concurrency)
         self._lock = threading.Lock()
         self._usage = Usage()
+        self._outage: _Outage | None = None  # the endpoint's current run of failures (under _lock)
+        self._batches = 0  # map_concurrently calls in progress: they summarise at their end
         headers = {"Content-Type": "application/json"}
         if self.api_key:
             headers["Authorization"] = f"Bearer {self.api_key}"
@@ -284,6 +311,56 @@ class OpenAIEngine(ChatEngine):
                     pass  # an HTTP date: fall back to exponential backoff
         return min(self.backoff_base_s * (2**attempt), self.backoff_max_s)
 
+    def retry_schedule(self) -> str:
+        """The waits between attempts without ``Retry-After``: ``'5 retries after 1, 2, 4, 8, 16 s'``."""
+        if self.max_retries == 0:
+            return "no retries"
+        delays = [self._delay(attempt, None) for attempt in range(self.max_retries)]
+        return (f"{self.max_retries} retries after {', '.join(f'{d:g}' for d in delays)} s "
+                f"({sum(delays):g} s in all, or the server's Retry-After up to {self.backoff_max_s:g} s)")
+
+    def _failed(self, path: str, error: str, first_of_request: bool) -> None:
+        """One failed attempt: the first of an outage is logged with the retry schedule, the rest counted."""
+        with self._lock:
+            starting = self._outage is None
+            if starting:
+                self._outage = _Outage(since=time.monotonic())
+            outage = self._outage
+            outage.failed_attempts += 1
+            outage.requests += int(first_of_request)
+            outage.last_error = error
+        if starting:
+            log.warning("%s%s (model %s): %s; retrying each request: %s. Further failures of this endpoint are "
+                        "counted, not logged one by one; a summary follows", self.base_url, path, self.model,
+                        error, self.retry_schedule())
+        else:
+            log.debug("%s%s: %s", self.base_url, path, error)
+
+    def _gave_up(self) -> None:
+        with self._lock:
+            if self._outage is None:
+                return
+            self._outage.given_up += 1
+            due = self._batches == 0 and time.monotonic() - self._outage.summarized_at >= OUTAGE_SUMMARY_EVERY_S
+        if due:
+            self._summarize_outage()
+
+    def _recovered(self) -> None:
+        with self._lock:
+            outage, self._outage = self._outage, None
+        if outage is not None:
+            log.info("%s: answering again; %s", self.base_url, outage.describe())
+
+    def _summarize_outage(self, force: bool = False) -> None:
+        """Log the current outage's numbers once more if they changed since the last summary."""
+        with self._lock:
+            outage = self._outage
+            if outage is None or (outage.summarized == outage.counts() and not force):
+                return
+            outage.summarized, outage.summarized_at = outage.counts(), time.monotonic()
+            text = outage.describe()
+        log.warning("%s (model %s) still failing: %s", self.base_url, self.model, text)
+
     def post(self, path: str, body: Mapping[str, Any]) -> dict[str, Any]:
         """POST JSON with retries and the concurrency cap; the decoded reply (usage accounted)."""
         last_error = ""
@@ -310,6 +387,8 @@ class OpenAIEngine(ChatEngine):
                         last_error, last_status = f"reply is not JSON: {response.text[:200]!r}", 200
                     else:
                         self._account(reply)
+                        if self._outage is not None:
+                            self._recovered()
                         return reply
                 else:
                     last_status = response.status_code
@@ -319,20 +398,14 @@ class OpenAIEngine(ChatEngine):
                             f"{self.base_url}{path} (model {self.model}) refused the request: {last_error}",
                             status=response.status_code,
                         )
+            self._failed(path, last_error, first_of_request=attempt == 0)
             if attempt < self.max_retries:
                 delay = self._delay(attempt, response)
                 with self._lock:
                     self._usage.retries += 1
-                log.warning(
-                    "%s%s: %s; retry %d/%d in %.2fs",
-                    self.base_url,
-                    path,
-                    last_error,
-                    attempt + 1,
-                    self.max_retries,
-                    delay,
-                )
+                log.debug("%s%s: retry %d/%d in %.2fs", self.base_url, path, attempt + 1, self.max_retries, delay)
                 self._sleep(delay)
+        self._gave_up()
         raise APIError(
             f"{self.base_url}{path} (model {self.model}) failed after {self.max_retries + 1} "
             f"attempts: {last_error}",
@@ -399,10 +472,17 @@ class OpenAIEngine(ChatEngine):
 
     def map_concurrently(self, function: Callable[[Any], Any], items: Sequence[Any]) -> list[Any]:
         """``[function(item) ...]`` on up to ``concurrency`` threads, in order; the first error is raised."""
-        if len(items) <= 1:
-            return [function(item) for item in items]
-        with ThreadPoolExecutor(max_workers=min(self.concurrency, len(items))) as pool:
-            return list(pool.map(function, items))
+        with self._lock:
+            self._batches += 1
+        try:
+            if len(items) <= 1:
+                return [function(item) for item in items]
+            with ThreadPoolExecutor(max_workers=min(self.concurrency, len(items))) as pool:
+                return list(pool.map(function, items))
+        finally:
+            with self._lock:
+                self._batches -= 1
+            self._summarize_outage()
 
     # ------------------------------------------------------------------ ChatEngine
     def generate(self, requests: Sequence[ChatRequest], params: SamplingParams) -> list[list[Generation]]:
@@ -439,6 +519,7 @@ class OpenAIEngine(ChatEngine):
         return json.dumps(payload, ensure_ascii=False, indent=1)
 
     def close(self) -> None:
+        self._summarize_outage()
         self._client.close()
 
     def __enter__(self) -> Self:

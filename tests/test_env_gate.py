@@ -1,0 +1,188 @@
+"""The environment gate of build_envs (ftrl.envs.gate): bad reference files are dropped with a report or refused.
+
+Real files in tmp dirs go through ``envs=ftrl_files`` and ``stages.build_envs``; each bad input is
+checked in both ``envs.invalid`` modes: drop (the report names the reason and file:line) and fail
+(an error naming file:line and the cause).
+
+    python -m pytest tests/test_env_gate.py -q
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from ftrl.artifacts import RunDir, read_json
+from ftrl.config import FilesConfig, load_run_config
+from ftrl.envs.gate import EnvGateError, gate_records
+from ftrl.envs.io import RecordError, load_ftrl_files, read_records, write_jsonl
+from ftrl.errors import ConfigError
+from ftrl.run_state import RunContext
+from ftrl.stages import build_envs
+
+CODE = "def get_order_total(order_id):\n    return {'order_id': order_id, 'total': 624}\n"
+TOOL = {"type": "function", "function": {
+    "name": "get_order_total", "description": "Get the total of an order.",
+    "parameters": {"type": "object", "properties": {"order_id": {"type": "integer"}}, "required": ["order_id"]}}}
+TIMEOUT_S = 0.5
+
+
+def make_record(split: str = "train", code: str = CODE, **overrides) -> dict:
+    record = {
+        "messages": [{"role": "user", "content": "What is the total of order 8514?"}],
+        "tools": json.dumps([TOOL]),
+        "codes": json.dumps({"get_order_total": code}),
+        "unsolved_set": json.dumps({"get_order_total": ["624"]}),
+        "solve_rate": 0.0,
+        "answer": "624",
+        "data_source": "Single-Hop",
+        "split": split,
+        "gold_calls": json.dumps([[{"name": "get_order_total", "arguments": {"order_id": 8514}}]]),
+    }
+    record.update(overrides)
+    return record
+
+
+# Each bad record, and the reason the gate gives for it.
+BAD = {
+    "syntax_error": make_record(code="def get_order_total(order_id)\n    return 624\n"),
+    "tool_timeout": make_record(code="def get_order_total(order_id):\n    import time\n    time.sleep(30)\n    return 624\n"),
+    "gold_leaves_unsolved": make_record(code="def get_order_total(order_id):\n    return {'total': 17}\n"),
+    "gold_call_error": make_record(code="def get_order_total(order_id):\n    raise KeyError(order_id)\n"),
+    "not_a_json_string": make_record(tools=[TOOL]),
+    "tool_not_defined": make_record(code="def get_total(order_id):\n    return 624\n"),
+    "invalid_record": {key: value for key, value in make_record().items() if key != "answer"},
+}
+
+
+def _run(tmp: Path, train: Path | None, test: Path | None, stages: list[str] | None = None, **envs) -> RunContext:
+    cfg = load_run_config(OmegaConf.create({
+        **({"stages": stages} if stages else {}),
+        "run_dir": str(tmp / "run"),
+        "envs": {"name": "ftrl_files", "files": {"train": str(train) if train else None,
+                                                 "test": str(test) if test else None}, **envs},
+        "reward": {"tool_timeout_s": TIMEOUT_S},
+    }))
+    return RunContext(cfg=cfg, run_dir=RunDir(cfg.run_dir))
+
+
+def _files(tmp: Path, train: list[dict], test: list[dict] | None = None) -> tuple[Path, Path]:
+    test = [make_record("test")] if test is None else test
+    return write_jsonl(tmp / "train.jsonl", train), write_jsonl(tmp / "test.jsonl", test)
+
+
+@pytest.mark.parametrize("reason", sorted(BAD))
+def test_drop_mode_drops_the_bad_record_and_reports_why(tmp_path: Path, reason: str) -> None:
+    train, test = _files(tmp_path, [make_record(), BAD[reason], make_record(answer="624")])
+    ctx = _run(tmp_path, train, test)
+    info = build_envs(ctx)
+    assert (info["train"], info["test"]) == (2, 1)
+    assert len(read_records(ctx.run_dir.envs("train"))) == 2
+    gate = read_json(ctx.run_dir.envs_manifest)["gate"]
+    assert gate["mode"] == "drop" and gate["dropped"] == {reason: 1}
+    assert gate["checked"] == {"train": 3, "test": 1} and gate["kept"] == {"train": 2, "test": 1}
+    [example] = gate["examples"]
+    assert example["where"] == f"{train}:2" and example["reason"] == reason and example["detail"]
+
+
+@pytest.mark.parametrize("reason", sorted(BAD))
+def test_fail_mode_refuses_naming_file_line_and_cause(tmp_path: Path, reason: str) -> None:
+    train, test = _files(tmp_path, [make_record(), BAD[reason]])
+    ctx = _run(tmp_path, train, test, invalid="fail")
+    with pytest.raises(ValueError, match=r"envs.invalid=fail: 1 of 3 environments") as error:
+        build_envs(ctx)
+    assert f"{train}:2: {reason}: " in str(error.value)
+    assert not ctx.run_dir.envs("train").exists()
+
+
+def test_details_name_the_cause(tmp_path: Path) -> None:
+    train, _ = _files(tmp_path, [BAD[r] for r in sorted(BAD)])
+    loaded_where: dict[str, list[str]] = {}
+    loaded = load_ftrl_files(FilesConfig(train=str(train)), validate=False, locations=loaded_where)
+    _, report = gate_records(loaded, timeout=TIMEOUT_S, locations=loaded_where)
+    details = {e["reason"]: e["detail"] for e in report.examples}
+    assert set(details) == set(BAD)
+    assert "codes['get_order_total'] line 1: SyntaxError" in details["syntax_error"]
+    assert "timed out after 0.5 seconds" in details["tool_timeout"]
+    assert "unsolved: {\"get_order_total\": [\"624\"]}" in details["gold_leaves_unsolved"]
+    assert "field 'tools' must be stored as a JSON string" in details["not_a_json_string"]
+    assert "missing field 'answer'" in details["invalid_record"]
+
+
+def test_records_without_gold_calls_get_the_static_checks_only(tmp_path: Path) -> None:
+    reference = {k: v for k, v in make_record().items() if k != "gold_calls"}
+    broken = {k: v for k, v in BAD["syntax_error"].items() if k != "gold_calls"}
+    kept, report = gate_records({"train": [reference, broken]}, timeout=TIMEOUT_S)
+    assert kept["train"] == [reference]
+    assert report.without_gold_calls == 1 and report.dropped == {"syntax_error": 1}
+    assert report.examples[0]["where"] == "train record 2"
+
+
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_an_empty_split_file_is_refused_at_build_envs(tmp_path: Path, split: str) -> None:
+    train, test = _files(tmp_path, [] if split == "train" else [make_record()], [] if split == "test" else None)
+    ctx = _run(tmp_path, train, test)
+    with pytest.raises(RecordError, match=rf"envs.files.{split}: '.*{split}.jsonl' holds no records"):
+        build_envs(ctx)
+
+
+def test_a_needed_split_emptied_by_the_gate_is_refused_naming_the_file(tmp_path: Path) -> None:
+    train, test = _files(tmp_path, [make_record()], [BAD["syntax_error"] | {"split": "test"}])
+    with pytest.raises(EnvGateError, match=rf"the test split from envs.files.test='{test}' is empty: all 1 records "
+                                           r"were dropped by the gate \(syntax_error=1\); eval"):
+        build_envs(_run(tmp_path, train, test))
+    # Not needed (no eval): the empty split is written and the run goes on.
+    ctx = _run(tmp_path, train, test, stages=["build_envs", "collect", "train"])
+    assert build_envs(ctx)["test"] == 0
+    # Train is needed by collect/train and the warm start.
+    train_only_bad, _ = _files(tmp_path, [BAD["tool_timeout"]])
+    with pytest.raises(EnvGateError, match=r"the train split from envs.files.train=.* \(tool_timeout=1\); stages"):
+        build_envs(_run(tmp_path, train_only_bad, test))
+
+
+def test_broken_files_still_fail_with_file_and_line(tmp_path: Path) -> None:
+    path = tmp_path / "train.jsonl"
+    path.write_bytes(json.dumps(make_record()).encode() + b"\n" + b'{"messages": [')
+    with pytest.raises(RecordError, match=rf"{path}:2: line is not valid JSON"):
+        build_envs(_run(tmp_path, path, None))
+    path.write_bytes(json.dumps(make_record()).encode() + b"\n\xff\xfe\n")
+    with pytest.raises(RecordError, match=rf"{path}:2: line is not valid JSON"):
+        build_envs(_run(tmp_path, path, None))
+
+
+def test_tools_as_a_list_is_refused_by_the_loader_with_file_and_line(tmp_path: Path) -> None:
+    train, _ = _files(tmp_path, [make_record(), BAD["not_a_json_string"]])
+    with pytest.raises(RecordError, match=rf"{train}:2: field 'tools' must be stored as a JSON string"):
+        load_ftrl_files(FilesConfig(train=str(train)))
+
+
+def test_envs_invalid_is_checked() -> None:
+    with pytest.raises(ConfigError, match="envs.invalid"):
+        load_run_config(OmegaConf.create({"envs": {"invalid": "skip"}}))
+
+
+def test_generated_environments_pass_the_gate_unchanged() -> None:
+    from ftrl.config import ProceduralConfig
+    from ftrl.envs.procedural import build_procedural_envs
+
+    knobs = {"functional_generalization": 0.5, "parameter_expansion": 0.5, "parameter_type_generalization": 0.5,
+             "min_distractors": 0, "max_distractors": 2}
+    records = build_procedural_envs(ProceduralConfig(num_train=24, num_test=8, **knobs), seed=3)
+    kept, report = gate_records(records, timeout=10.0)
+    assert report.dropped == {} and report.without_gold_calls == 0
+    assert all(kept[split] == records[split] for split in records)
+
+
+def test_a_warm_start_without_gold_calls_is_refused_at_build_envs(tmp_path: Path) -> None:
+    """The FTRL release's files carry no gold_calls: the warm start would have nothing to learn from."""
+    reference = {k: v for k, v in make_record().items() if k != "gold_calls"}
+    train, test = _files(tmp_path, [reference])
+    with pytest.raises(ConfigError, match=r"model.warm_start=true learns from gold trajectories, but no train "
+                                          rf"environment of envs.files.train='{train}' has gold_calls"):
+        build_envs(_run(tmp_path, train, test))
+    ctx = _run(tmp_path, train, test)
+    ctx.cfg.model.warm_start = False
+    assert build_envs(ctx)["train"] == 1
