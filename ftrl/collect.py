@@ -217,8 +217,9 @@ class EpisodeLog:
     progress file accounts for, so an episode cut off mid-write is dropped and played again.
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, key: Callable[[Mapping[str, Any]], str] | None = None) -> None:
         self.path = Path(path)
+        self.key = key or _episode_key  # what identifies an episode's input (benchmarks: their sample id)
         self.progress_path = self.path.with_suffix(PROGRESS_SUFFIX)
         self.done: dict[int, dict[str, Any]] = {}
         self._recover()
@@ -266,7 +267,7 @@ class EpisodeLog:
         entry = self.done.get(index)
         if entry is None:
             return False
-        if entry["key"] != _episode_key(record):
+        if entry["key"] != self.key(record):
             raise RuntimeError(
                 f"{self.progress_path}: episode {index} was recorded for a different question; the "
                 "environment set changed since this file was written. Remove the round directory to "
@@ -279,7 +280,7 @@ class EpisodeLog:
         payload = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
         for target, text in ((self.path, payload),
                              (self.progress_path,
-                              json.dumps({"index": index, "key": _episode_key(record), "records": len(rows)}) + "\n")):
+                              json.dumps({"index": index, "key": self.key(record), "records": len(rows)}) + "\n")):
             with open(target, "a", encoding="utf-8") as handle:
                 handle.write(text)
                 handle.flush()

@@ -384,15 +384,92 @@ class ResourcesConfig:
 
 
 @dataclass
+class ToolHopEvalConfig:
+    """ToolHop (``eval.benchmarks: [toolhop]``): the three reference protocols and the data file."""
+
+    modes: list[str] = field(default_factory=lambda: ["direct", "mandatory", "free"])
+    max_turns: int = 9
+    file: str | None = None  # null: <eval.data_dir>/toolhop/ToolHop.jsonl or ToolHop.json
+    prompt_dir: str | None = None  # null: the packaged templates; a folder with <mode>.txt holding {question}
+
+
+@dataclass
+class UserSimConfig:
+    """The tau-bench user simulator: any engine; the reference uses gpt-4o-2024-08-06, temperature 0."""
+
+    engine: str = "openai"  # openai | hf | vllm | script
+    model: str = "gpt-4o-2024-08-06"  # model name (openai) or local path / hub id (hf, vllm)
+    api: ApiConfig = field(default_factory=ApiConfig)
+    temperature: float = 0.0
+    max_tokens: int = 512
+    script: list[str] = field(default_factory=list)  # engine=script: fixed user lines, then ###STOP###
+    # The user prompt template ({instruction} is replaced); null: ftrl/eval/taubench_user_prompt.txt
+    prompt_file: str | None = None
+
+
+@dataclass
+class TauBenchEvalConfig:
+    """tau-bench (``eval.benchmarks: [taubench]``): agent episodes against a simulated user."""
+
+    domains: list[str] = field(default_factory=lambda: ["airline", "retail"])
+    trials: int = 1  # pass^k is reported for k = 1 .. trials
+    max_steps: int = 30
+    max_tasks: int | None = None
+    user: UserSimConfig = field(default_factory=UserSimConfig)
+
+
+@dataclass
+class RotBenchEvalConfig:
+    """RoTBench (``eval.benchmarks: [rotbench]``): one ReAct generation per item, five noise levels."""
+
+    turn: str = "first"  # first | third
+    levels: list[str] = field(default_factory=lambda: ["clean", "slight", "medium", "heavy", "union"])
+    file: str | None = None  # the FTRL release's RoTBench.jsonl instead of <data_dir>/rotbench/
+
+
+@dataclass
+class GeneralEvalConfig:
+    """General ability (``eval.benchmarks: [general]``): MMLU, BBH, GSM8K, MATH, HumanEval, MBPP."""
+
+    tasks: list[str] = field(default_factory=lambda: ["mmlu", "bbh", "gsm8k", "math", "humaneval", "mbpp"])
+    file: str | None = None  # the FTRL release's General.jsonl; null: <data_dir>/general/ (+ packaged HumanEval)
+    max_per_task: int | None = None  # null: eval.max_samples
+    # task -> Hugging Face dataset id ("id[:config][@split]") or a local json/jsonl/parquet/csv file, read
+    # through the optional `datasets` package for tasks that the files above do not hold.
+    sources: dict[str, str] = field(default_factory=dict)
+    prompts: str | None = None  # JSON of prompt templates for sources/HumanEval; null: the packaged one
+
+
+@dataclass
+class BfclEvalConfig:
+    """BFCL (``eval.benchmarks: [bfcl]``, ``pip install -e .[bfcl]``): official data and checkers."""
+
+    categories: list[str] = field(default_factory=lambda: [
+        "simple_python", "simple_java", "simple_javascript", "multiple", "parallel", "parallel_multiple",
+        "irrelevance", "live_simple", "live_multiple", "live_parallel", "live_parallel_multiple",
+        "live_irrelevance", "multi_turn_base", "multi_turn_miss_func", "multi_turn_miss_param",
+        "multi_turn_long_context"])
+    max_per_category: int | None = None
+
+
+@dataclass
 class EvalConfig:
     name: str = "own_test"
     benchmarks: list[str] = field(default_factory=lambda: ["ftrl_test"])
     max_turns: int = 20
     temperature: float = 0.0
     batch_size: int = 32
-    max_samples: int | None = None
+    max_samples: int | None = None  # per benchmark (per group where a benchmark has groups)
     checkpoints: str = "all"  # all: base, warmup and every round | last: only the final policy
-    data_dir: str | None = None  # benchmark data (tau-bench, RoTBench); env FTRL_DATA_DIR
+    data_dir: str | None = None  # one folder per benchmark (toolhop/, tau-bench/, rotbench/, general/); FTRL_DATA_DIR
+    # Scoring where the reference evaluation scripts and a benchmark's own scorer disagree:
+    # ftrl = the reference (the paper's numbers) | official = the benchmark's scorer.
+    compat: str = "ftrl"
+    toolhop: ToolHopEvalConfig = field(default_factory=ToolHopEvalConfig)
+    taubench: TauBenchEvalConfig = field(default_factory=TauBenchEvalConfig)
+    rotbench: RotBenchEvalConfig = field(default_factory=RotBenchEvalConfig)
+    general: GeneralEvalConfig = field(default_factory=GeneralEvalConfig)
+    bfcl: BfclEvalConfig = field(default_factory=BfclEvalConfig)
 
 
 @dataclass
@@ -599,8 +676,38 @@ def _check_eval_and_logger(run: RunConfig) -> None:
     for index, name in enumerate(run.eval.benchmarks):
         BENCHMARKS.check(name, f"eval.benchmarks[{index}]")
     check_choice("eval.checkpoints", run.eval.checkpoints, ("all", "last"))
+    check_choice("eval.compat", run.eval.compat, ("ftrl", "official"))
+    _check_benchmark_settings(run.eval)
     check_choice("logger.name", run.logger.name, ("console", "wandb"))
     check_choice("logger.wandb.mode", run.logger.wandb.mode, ("offline", "online", "disabled"))
+
+
+def _check_benchmark_settings(ev: EvalConfig) -> None:
+    for index, mode in enumerate(ev.toolhop.modes):
+        check_choice(f"eval.toolhop.modes[{index}]", mode, ("direct", "mandatory", "free"))
+    check_positive("eval.toolhop.max_turns", ev.toolhop.max_turns)
+    for index, domain in enumerate(ev.taubench.domains):
+        check_choice(f"eval.taubench.domains[{index}]", domain, ("airline", "retail"))
+    check_positive("eval.taubench.trials", ev.taubench.trials)
+    check_positive("eval.taubench.max_steps", ev.taubench.max_steps)
+    check_choice("eval.taubench.user.engine", ev.taubench.user.engine, ("openai", "hf", "vllm", "script"))
+    check_choice("eval.rotbench.turn", ev.rotbench.turn, ("first", "third"))
+    for index, level in enumerate(ev.rotbench.levels):
+        check_choice(f"eval.rotbench.levels[{index}]", level, ("clean", "slight", "medium", "heavy", "union"))
+    for index, task in enumerate(ev.general.tasks):
+        check_choice(f"eval.general.tasks[{index}]", task, ("mmlu", "bbh", "gsm8k", "math", "humaneval", "mbpp"))
+    for task in ev.general.sources:
+        check_choice(f"eval.general.sources.{task}", task, ("mmlu", "bbh", "gsm8k", "math", "humaneval", "mbpp"))
+    if ev.general.max_per_task is not None:
+        check_positive("eval.general.max_per_task", ev.general.max_per_task)
+    bfcl_names = ("simple_python", "simple_java", "simple_javascript", "multiple", "parallel", "parallel_multiple",
+                  "irrelevance", "live_simple", "live_multiple", "live_parallel", "live_parallel_multiple",
+                  "live_irrelevance", "multi_turn_base", "multi_turn_miss_func", "multi_turn_miss_param",
+                  "multi_turn_long_context", "simple", "multi_turn", "non_live", "live", "all")
+    for index, category in enumerate(ev.bfcl.categories):
+        check_choice(f"eval.bfcl.categories[{index}]", category, bfcl_names)
+    if ev.bfcl.max_per_category is not None:
+        check_positive("eval.bfcl.max_per_category", ev.bfcl.max_per_category)
 
 
 def _validate_llm_build(llm: LLMBuildConfig) -> None:

@@ -41,7 +41,7 @@ class Input:
     key: str
     path: str
     stage: str  # the stage that reads it (build_envs, collect, train, eval, analyze)
-    kind: str = "file"  # file | dir | model | set | api_key
+    kind: str = "file"  # file | dir | model | set | package | api_key
     hub_ok: bool = False  # a model id that is not a local directory may come from the hub
     sets_dir: str = ""  # kind "set": where stored env sets live (envs.sets_dir)
 
@@ -76,9 +76,38 @@ def run_inputs(cfg: RunConfig) -> list[Input]:
         found.append(Input("model.path", cfg.model.path, "collect", kind="model", hub_ok=not _looks_local(cfg.model.path)))
     if cfg.model.engine == "openai" and cfg.model.api.api_key_env:
         found.append(Input("model.api.api_key_env", cfg.model.api.api_key_env, "collect", kind="api_key"))
+    found += _benchmark_inputs(cfg)
     for key, value in (("analysis.base", cfg.analysis.base), ("analysis.target", cfg.analysis.target)):
         if value:
             found.append(Input(key, value, "analyze", kind="model", hub_ok=not _looks_local(value)))
+    return found
+
+
+# Benchmarks that read a folder of eval.data_dir, the folder, and the config key of a single-file alternative.
+_BENCHMARK_DATA = {"toolhop": ("toolhop", "file"), "rotbench": ("rotbench", "file"), "general": ("general", "file"),
+                   "taubench": ("tau-bench", None)}
+BFCL_INSTALL = 'pip install --no-deps "bfcl-eval==2026.3.23" && pip install -e ".[bfcl]"'
+
+
+def _benchmark_inputs(cfg: RunConfig) -> list[Input]:
+    """What ``eval.benchmarks`` read: data folders (or their single-file alternative), packages, API keys."""
+    found: list[Input] = []
+    root = cfg.eval.data_dir or os.environ.get("FTRL_DATA_DIR") or ""
+    root_key = "eval.data_dir" if cfg.eval.data_dir else "FTRL_DATA_DIR"
+    for name in cfg.eval.benchmarks:
+        if name in _BENCHMARK_DATA:
+            folder, file_key = _BENCHMARK_DATA[name]
+            single = getattr(getattr(cfg.eval, name), file_key) if file_key else None
+            if single:
+                found.append(Input(f"eval.{name}.{file_key}", single, "eval"))
+            elif not (name == "general" and list(cfg.eval.general.tasks) == ["humaneval"]):  # HumanEval ships
+                found.append(Input(f"{root_key} ({folder}/ for {name})", str(Path(root) / folder) if root else "",
+                                   "eval", kind="dir"))
+        if name == "bfcl":
+            found.append(Input("eval.benchmarks (bfcl)", "bfcl_eval", "eval", kind="package"))
+    user = cfg.eval.taubench.user
+    if "taubench" in cfg.eval.benchmarks and user.engine == "openai" and user.api.api_key_env:
+        found.append(Input("eval.taubench.user.api.api_key_env", user.api.api_key_env, "eval", kind="api_key"))
     return found
 
 
@@ -87,11 +116,16 @@ def _problem(item: Input) -> str | None:
         return None if os.environ.get(item.path) else (
             f"{item.key}: the environment variable {item.path} is not set (export {item.path}=...; or set "
             f"{item.key}='' for an endpoint without a key)")
+    if item.kind == "package":
+        import importlib.util
+
+        return None if importlib.util.find_spec(item.path) else (
+            f"{item.key}: the {item.path} package is not installed ({BFCL_INSTALL})")
     if item.kind == "set":
         return None if _resolve_set(item) else (
             f"{item.key}: no stored env set '{item.path}' in {item.sets_dir} (python -m ftrl.envs.sets list)")
     if not item.path:
-        return f"{item.key}: not set (point it at the directory that holds tau-bench/)"
+        return f"{item.key}: not set (point it at the folder that holds the benchmark's data)"
     path = Path(item.path).expanduser()
     if item.kind == "model":
         if path.is_dir():
@@ -106,7 +140,8 @@ def _problem(item: Input) -> str | None:
 
 def _stage_pending(cfg: RunConfig, stage: str, done: set[str]) -> bool:
     """Whether ``stage`` will do work: it is asked for, and (for build_envs) not already finished."""
-    needed = {"collect": ("collect", "train", "eval"), "build_envs": ("build_envs",), "analyze": ("analyze",)}
+    needed = {"collect": ("collect", "train", "eval"), "build_envs": ("build_envs",), "analyze": ("analyze",),
+              "eval": ("eval",)}
     if not any(s in cfg.stages for s in needed.get(stage, (stage,))):
         return False
     return not (stage == "build_envs" and "build_envs" in done)
@@ -177,7 +212,8 @@ def input_fingerprints(cfg: RunConfig) -> dict[str, dict[str, Any]]:
     """``{key: {"path", "sha256"}}`` for every input that exists now (API keys are never recorded)."""
     prints: dict[str, dict[str, Any]] = {}
     for item in run_inputs(cfg):
-        if item.kind == "api_key" or not item.path:
+        # Eval data is not part of a run's identity (as eval settings are not); API keys are never recorded.
+        if item.kind in ("api_key", "package") or item.stage == "eval" or not item.path:
             continue
         if item.kind == "set":  # sets are content-hashed: a bare name that now means a newer version changes
             env_set = _resolve_set(item)

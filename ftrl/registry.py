@@ -114,6 +114,9 @@ ENV_SOURCES.register("llm", "ftrl.builder:env_source")
 ENV_SOURCES.register("set", "ftrl.envs.sources:env_set")
 ENV_SOURCES.register("taubench", "ftrl.envs.sources:taubench")
 BENCHMARKS.register("ftrl_test", "ftrl.eval.own_test:ftrl_test")
+# The paper's Table 2 benchmarks and BFCL: ftrl/eval/<name>.py, entry ``evaluate(ctx, engine, checkpoint)``.
+for _name in ("toolhop", "taubench", "rotbench", "general", "bfcl"):
+    BENCHMARKS.register(_name, f"ftrl.eval.{_name}:evaluate")
 # Algorithms of the paper's tables -> the verl core_algos estimator they use (the same names verl takes).
 ALGORITHMS.register("grpo", AlgorithmSpec(adv_estimator="grpo", use_critic=False))
 ALGORITHMS.register("reinforce_pp", AlgorithmSpec(adv_estimator="reinforce_plus_plus", use_critic=False))

@@ -188,13 +188,17 @@ def plot_run_rewards(ctx: RunContext) -> Path | None:
 # Eval keys that do not change results: which checkpoints to evaluate, and how many conversations
 # share a forward pass (greedy decoding; padding may move a last float digit, not a metric).
 _EVAL_KEYS_WITHOUT_EFFECT = ("name", "checkpoints", "batch_size")
+# Per-benchmark settings sections: they matter only when that benchmark is evaluated.
+_BENCHMARK_SECTIONS = ("toolhop", "taubench", "rotbench", "general", "bfcl")
 
 
 def eval_settings(cfg: RunConfig) -> dict[str, Any]:
     """The settings an evaluation result is only valid for (recorded next to it as ``settings.json``)."""
     from ftrl.config import to_container
 
-    return {k: v for k, v in to_container(cfg)["eval"].items() if k not in _EVAL_KEYS_WITHOUT_EFFECT}
+    section = to_container(cfg)["eval"]
+    unused = {name for name in _BENCHMARK_SECTIONS if name not in cfg.eval.benchmarks}
+    return {k: v for k, v in section.items() if k not in _EVAL_KEYS_WITHOUT_EFFECT and k not in unused}
 
 
 def _fresh_eval(ctx: RunContext, name: str, settings: dict[str, Any]) -> bool:
