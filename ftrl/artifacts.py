@@ -356,6 +356,11 @@ def write_manifest(run_dir: RunDir, config: dict[str, Any], extra: dict[str, Any
         "updated_at": time.time(),
     })
     manifest.setdefault("created_at", time.time())
+    if os.environ.get("SLURM_JOB_ID"):  # every SLURM job that worked on this run (a requeued one appears twice)
+        job = {key: os.environ[name] for key, name in (("job_id", "SLURM_JOB_ID"),
+                                                       ("array_job_id", "SLURM_ARRAY_JOB_ID"),
+                                                       ("array_task_id", "SLURM_ARRAY_TASK_ID")) if name in os.environ}
+        manifest.setdefault("slurm_jobs", []).append({**job, "started_at": time.time()})
     if extra:
         manifest.update(extra)
     write_json(run_dir.manifest, manifest)

@@ -32,6 +32,10 @@ def _dirname(override_dirname: str) -> str:
 
 if not OmegaConf.has_resolver("ftrl_dirname"):
     OmegaConf.register_new_resolver("ftrl_dirname", _dirname)
+if not OmegaConf.has_resolver("ftrl_root"):
+    # The project folder (launchers/, conf/). Launcher configs use it: they are resolved in the submitting
+    # process before Hydra's runtime config (``${hydra:runtime.cwd}``) exists.
+    OmegaConf.register_new_resolver("ftrl_root", lambda: str(CONF_DIR.parent))
 
 
 def main(cfg: DictConfig, overrides: list[str] | None = None) -> dict:
