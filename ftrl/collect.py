@@ -48,6 +48,8 @@ class Episode:
     calls: int = 0
     turns: int = 0
     done: bool = False
+    # Why the episode ended early: "context" when its prompt filled the engine's context window.
+    ended_by: str | None = None
     snapshots: list[dict] = field(default_factory=list)
     responses: list[str] = field(default_factory=list)
 
@@ -102,6 +104,11 @@ def _policy_turn(engine: Any, active: list[Episode], params: Any, parser: Parser
     calling: list[Episode] = []
     for episode, outputs in zip(active, generations):
         generation = outputs[0]
+        if getattr(generation, "finish_reason", None) == "context":
+            # The conversation no longer fits the context window: the episode ends here, no turn added.
+            episode.ended_by = "context"
+            episode.done = True
+            continue
         message = getattr(generation, "message", None) or parser(generation.text)
         episode.responses.append(generation.text)
         episode.messages.append(message)
@@ -309,7 +316,8 @@ def collect_snapshots(
     """Roll the policy through ``envs`` and append reference snapshot records to ``out_path``."""
     episode_log = EpisodeLog(out_path)
     todo = [(i, record) for i, record in enumerate(envs) if not episode_log.check_key(i, record)]
-    stats = {"episodes": 0.0, "snapshots": 0.0, "turns": 0.0, "calls": 0.0, "solve_rate": 0.0}
+    stats = {"episodes": 0.0, "snapshots": 0.0, "turns": 0.0, "calls": 0.0, "solve_rate": 0.0,
+             "context_limited": 0.0}
 
     def on_done(episode: Episode) -> None:
         episode_log.append(episode.index, episode.record, episode.snapshots)
@@ -318,6 +326,7 @@ def collect_snapshots(
         stats["turns"] += episode.turns
         stats["calls"] += episode.calls
         stats["solve_rate"] += episode.solved / episode.total if episode.total else 0.0
+        stats["context_limited"] += episode.ended_by == "context"
 
     run_episodes(engine, todo, params=params, max_turns=max_turns, parser=parser, execute=execute,
                  on_done=on_done, batch_size=batch_size, snapshots=True, desc=desc)
@@ -329,4 +338,5 @@ def collect_snapshots(
         "mean_turns": stats["turns"] / episodes,
         "mean_calls": stats["calls"] / episodes,
         "mean_solve_rate": stats["solve_rate"] / episodes,
+        "episodes_context_limited": int(stats["context_limited"]),
     }

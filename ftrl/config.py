@@ -205,6 +205,9 @@ class RewardConfig:
     name: str = "solve_f1"
     compat: str = "ftrl"  # ftrl: reproduce the reference exactly | fixed: strip thoughts, unique ids
     tool_timeout_s: float = 10.0
+    # Tool outputs longer than this are cut (with a marker; counted in the collect stats). null: by compat,
+    # ftrl = no cut (the reference does not cut), fixed = 20000 characters.
+    max_tool_output_chars: int | None = None
 
 
 @dataclass
@@ -212,6 +215,11 @@ class CollectConfig:
     max_turns: int = 20
     temperature: float = 1.0
     top_p: float = 1.0
+    # Extra warpers (0 / 1.0: off). inherit=true takes top_k, top_p and repetition_penalty from the
+    # model's generation_config.json, as the reference's HF generate(do_sample=True, temperature=1.0) does.
+    top_k: int = 0
+    repetition_penalty: float = 1.0
+    inherit: bool = False
     batch_size: int = 32  # conversations generated together
     max_envs: int | None = None  # cap on environments per round (null: all train envs)
 
@@ -262,6 +270,11 @@ class TrainConfig:
     entropy_coeff: float = 0.0
     max_steps_per_round: int | None = 12
     save_every_steps: int = 10  # trainer state (weights, optimizer, RNG) for resume after a kill
+    # Reward-hacking monitor (ftrl.train.monitor): rolling window of steps, and the alarm factors against
+    # the warm start's calls per turn (above) and Solve-P of the sampled turns (below).
+    monitor_window: int = 4
+    monitor_calls_factor: float = 1.75
+    monitor_precision_factor: float = 0.6
     gradient_checkpointing: bool = False
 
 
@@ -307,7 +320,11 @@ class VerlConfig:
     """
 
     rollout_engine: str = "vllm"  # verl's async rollout server: vllm | sglang
-    strategy: str = "fsdp"  # actor/ref/critic engine: fsdp | fsdp2
+    strategy: str = "fsdp"  # actor/ref/critic engine: fsdp | fsdp2 (freeze runs always use fsdp2)
+    # Attention of the FSDP actor/ref/critic: sdpa (torch, always installed) | flash_attention_2 (needs
+    # flash-attn; faster, and lets verl pack sequences without padding: use_remove_padding).
+    attn_implementation: str = "sdpa"
+    entropy_chunking: bool = True  # entropy over vocabulary chunks (150k-token vocabularies)
     use_dynamic_bsz: bool = True  # pack micro-batches by tokens (else train.micro_batch_size sequences)
     # Token budget per GPU micro-batch; null: one longest sequence (mode.max_prompt_tokens + response).
     ppo_max_token_len_per_gpu: int | None = None
@@ -323,6 +340,7 @@ class VerlConfig:
         """Cross-field rules of the verl backend; messages name the key and the valid options."""
         check_choice("backend.verl.rollout_engine", self.rollout_engine, ("vllm", "sglang"))
         check_choice("backend.verl.strategy", self.strategy, ("fsdp", "fsdp2"))
+        check_choice("backend.verl.attn_implementation", self.attn_implementation, ("sdpa", "flash_attention_2"))
         check_positive("backend.verl.agent_workers", self.agent_workers)
         check_positive("backend.verl.keep_checkpoints", self.keep_checkpoints)
         longest = run.mode.max_prompt_tokens + run.max_new_tokens
@@ -458,6 +476,10 @@ class EvalConfig:
     benchmarks: list[str] = field(default_factory=lambda: ["ftrl_test"])
     max_turns: int = 20
     temperature: float = 0.0
+    # 1.0: off. inherit=true takes repetition_penalty (and, when sampling, top_k/top_p) from the model's
+    # generation_config.json, as the reference's evaluation does (Qwen2.5: 1.05 even when greedy).
+    repetition_penalty: float = 1.0
+    inherit: bool = False
     batch_size: int = 32
     max_samples: int | None = None  # per benchmark (per group where a benchmark has groups)
     checkpoints: str = "all"  # all: base, warmup and every round | last: only the final policy
@@ -629,7 +651,14 @@ def _check_reward_and_episodes(run: RunConfig) -> None:
     REWARDS.check(run.reward.name, "reward.name")
     check_choice("reward.compat", run.reward.compat, ("ftrl", "fixed"))
     check_positive("reward.tool_timeout_s", run.reward.tool_timeout_s)
+    if run.reward.max_tool_output_chars is not None:
+        check_positive("reward.max_tool_output_chars", run.reward.max_tool_output_chars)
     check_positive("collect.max_turns", run.collect.max_turns)
+    if run.collect.top_k < 0:
+        raise ConfigError(f"collect.top_k: must be >= 0 (0: off), got {run.collect.top_k}")
+    for key, value in (("collect.repetition_penalty", run.collect.repetition_penalty),
+                       ("eval.repetition_penalty", run.eval.repetition_penalty)):
+        check_positive(key, value)
     check_positive("eval.max_turns", run.eval.max_turns)
 
 
@@ -652,6 +681,10 @@ def _check_algorithm_and_train(run: RunConfig) -> None:
     check_positive("train.rounds", train.rounds)
     check_positive("train.n", train.n)
     check_positive("train.rollout_batch_size", train.rollout_batch_size)
+    check_positive("train.monitor_window", train.monitor_window)
+    if not train.monitor_calls_factor > 1.0 or not 0.0 < train.monitor_precision_factor < 1.0:
+        raise ConfigError(f"train.monitor_calls_factor must be > 1 and train.monitor_precision_factor in (0, 1), got "
+                          f"{train.monitor_calls_factor}, {train.monitor_precision_factor}")
     if algorithm.adv_estimator == "grpo" and train.n < 2:
         raise ConfigError("train.n: GRPO needs at least 2 samples per prompt for a group baseline")
     if train.name == "tiny" and run.model.name != "tiny":

@@ -1,6 +1,11 @@
 """Results tables: the end-of-run table printed by ``python -m ftrl.run``, and per-scenario breakdowns.
 
     python -m ftrl.report outputs/default/base          # print the table of a finished run
+    python -m ftrl.report table2 RUN_DIR_OR_GLOB ... [--out DIR] [--name NAME]   # Table 2 vs the paper
+    python -m ftrl.report sweep SWEEP_DIR               # one row per job of a multirun (sweep_table.md)
+
+``table2`` writes table2.md/.csv/.png and companions.md into outputs/reports/<name>/ (or --out) and
+prints the table; the rules (row mapping, Avg, arrows, marks, "—" reasons) are in ftrl/analysis/tables.py.
 """
 
 from __future__ import annotations
@@ -9,11 +14,26 @@ import argparse
 import json
 import logging
 import re
+import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from ftrl.analysis.tables import (
+    AVG,
+    COLUMNS,
+    Table2,
+    build_table2,
+    cell_text,
+    find_runs,
+    load_paper_table2,
+    sweep_table,
+    write_sweep_table,
+    write_table2,
+)
 from ftrl.artifacts import RunDir
+
+SUBCOMMANDS = ("table2", "sweep")
 
 HEADLINE = (("ftrl_test/solve_p", "Solve-P"), ("ftrl_test/solve_r", "Solve-R"), ("ftrl_test/solve_f1", "Solve-F1"))
 
@@ -97,7 +117,62 @@ def _log_to_files(text: str) -> None:
             handler.handle(record)
 
 
+def table2_report(runs: Sequence[str | Path], out: str | Path | None = None, name: str = "table2",
+                  paper: str | Path | None = None) -> tuple[Table2, dict[str, Path]]:
+    """Build Table 2 from ``runs`` (run directories, globs, folders of runs), write it, print it."""
+    paths, bad = find_runs(runs)
+    table = build_table2(paths, load_paper_table2(paper) if paper else None, unmatched=bad)
+    written = write_table2(table, Path(out) if out else Path("outputs") / "reports" / name)
+    print(table2_terminal(table))
+    print("\n".join(f"wrote {p}" for p in written.values()))
+    return table, written
+
+
+def table2_terminal(table: Table2) -> str:
+    """Table 2 for the terminal: ``ours (paper, ours - paper)``, * best and ' second-best of a column."""
+    header = ["model", *(label for _, _, label in COLUMNS), "Avg"]
+    body = [[row.label, *(cell_text(row, col, markdown=False) for col, _, _ in COLUMNS),
+             cell_text(row, AVG, markdown=False)] for row in table.rows]
+    text = "Table 2 (x100): ours (paper, ours - paper); * best, ' second-best over our rows\n" + format_table(header, body)
+    if table.unmatched:
+        text += "\nunmatched (not in the table):\n" + "\n".join(f"  {what}: {why}" for what, why in table.unmatched)
+    return text
+
+
+def sweep_report(sweep_dir: str | Path) -> Path:
+    """Write ``sweep_table.md``/``.csv`` into ``sweep_dir``, print the table and its path."""
+    header, body = sweep_table(sweep_dir)
+    path = write_sweep_table(sweep_dir)
+    print(format_table(header, body) if body else f"{sweep_dir}: no job directories")
+    print(f"sweep table: {path}")
+    return path
+
+
+def _subcommand(argv: Sequence[str]) -> None:
+    parser = argparse.ArgumentParser(prog="python -m ftrl.report", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    t2 = sub.add_parser("table2", help="Table 2 from runs, beside the paper's numbers")
+    t2.add_argument("runs", nargs="+", help="run directories, globs, or folders holding runs")
+    t2.add_argument("--out", type=Path, default=None, help="output folder (default outputs/reports/<name>/)")
+    t2.add_argument("--name", default="table2")
+    t2.add_argument("--paper", type=Path, default=None, help="the paper's numbers (default experiments/paper/table2.csv)")
+    sw = sub.add_parser("sweep", help="one row per job of a multirun directory")
+    sw.add_argument("sweep_dir", type=Path)
+    args = parser.parse_args(argv)
+    if args.command == "table2":
+        table2_report(args.runs, args.out, args.name, args.paper)
+    else:
+        if not args.sweep_dir.is_dir():
+            raise SystemExit(f"ftrl.report: {args.sweep_dir} is not a directory; give a multirun's sweep directory, "
+                             f"e.g. outputs/multirun/tiny_algorithm_ablation")
+        sweep_report(args.sweep_dir)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in SUBCOMMANDS:
+        _subcommand(argv)
+        return
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("run_dir", type=Path)
     args = parser.parse_args(argv)

@@ -18,6 +18,7 @@ from ftrl.errors import ConfigError, MissingInputError
 from ftrl.llm.tiny import ensure_base_model
 from ftrl.registry import BENCHMARKS, ENV_SOURCES
 from ftrl.run_state import RunContext, Step
+from ftrl.tracking import eval_summary
 
 log = logging.getLogger(__name__)
 
@@ -131,14 +132,22 @@ def collect(ctx: RunContext, k: int) -> dict[str, Any]:
     policy = ctx.policy_for_round(k)
     engine = engine_for(ctx, policy, batch_size=cfg.collect.batch_size)
     params = SamplingParams(temperature=cfg.collect.temperature, top_p=cfg.collect.top_p,
-                            max_new_tokens=cfg.max_new_tokens, n=1, seed=cfg.seed * 1009 + k)
+                            max_new_tokens=cfg.max_new_tokens, n=1, seed=cfg.seed * 1009 + k,
+                            top_k=cfg.collect.top_k, repetition_penalty=cfg.collect.repetition_penalty,
+                            inherit=cfg.collect.inherit)
     log.info("collect round %d: policy=%s temperature=%s max_turns=%d", k, policy, params.temperature,
              cfg.collect.max_turns)
+    from ftrl.envs.sandbox import get_sandbox
+
+    execute = executor_from_config(ctx.cfg)
+    cut_before = get_sandbox().stats.get("outputs_cut", 0)
     stats = collect_snapshots(
         engine, round_envs(ctx, k), ctx.run_dir.snapshots(k), params=params, max_turns=cfg.collect.max_turns,
-        parser=parser_from_config(ctx.cfg), execute=executor_from_config(ctx.cfg), batch_size=cfg.collect.batch_size,
+        parser=parser_from_config(ctx.cfg), execute=execute, batch_size=cfg.collect.batch_size,
         desc=f"collect r{k}",
     )
+    # Tool outputs cut at reward.max_tool_output_chars (none under compat=ftrl unless set).
+    stats["tool_outputs_cut"] = get_sandbox().stats.get("outputs_cut", 0) - cut_before
     write_parquet(ctx.run_dir.snapshots_parquet(k), read_records(ctx.run_dir.snapshots(k)))
     log.info("collect round %d: %s", k, ", ".join(
         f"{key}={value}" if isinstance(value, int) else f"{key}={value:.3g}" for key, value in stats.items()
@@ -162,7 +171,21 @@ def train(ctx: RunContext, k: int) -> dict[str, Any]:
     release_engine(ctx)  # the trainer (or verl's workers) needs the memory the collection engine holds
     info = BACKENDS.get(ctx.cfg.backend.name)(ctx, k)
     plot_run_rewards(ctx)
+    record_monitor(ctx, k, info)
     return info
+
+
+def record_monitor(ctx: RunContext, k: int, info: dict[str, Any]) -> None:
+    """``summary.json`` says whether and when the hacking monitor fired, over every round so far."""
+    alarms: list[dict[str, Any]] = []
+    for j in range(1, k):
+        marker = ctx.run_dir.stage_marker(f"train_r{j}")
+        if marker.exists():
+            alarms += (read_json(marker).get("info") or {}).get("monitor_alarms", [])
+    alarms += info.get("monitor_alarms", [])
+    summary = read_json(ctx.run_dir.summary) if ctx.run_dir.summary.exists() else {}
+    summary["hacking_monitor"] = {"fired": bool(alarms), "alarms": alarms}
+    write_json(ctx.run_dir.summary, summary)
 
 
 def plot_run_rewards(ctx: RunContext) -> Path | None:
@@ -190,6 +213,8 @@ def plot_run_rewards(ctx: RunContext) -> Path | None:
 _EVAL_KEYS_WITHOUT_EFFECT = ("name", "checkpoints", "batch_size")
 # Per-benchmark settings sections: they matter only when that benchmark is evaluated.
 _BENCHMARK_SECTIONS = ("toolhop", "taubench", "rotbench", "general", "bfcl")
+# Eval keys added after results were first recorded, with the value those results were made with.
+_EVAL_KEYS_ADDED: dict[str, Any] = {"repetition_penalty": 1.0, "inherit": False}
 
 
 def eval_settings(cfg: RunConfig) -> dict[str, Any]:
@@ -211,6 +236,8 @@ def _fresh_eval(ctx: RunContext, name: str, settings: dict[str, Any]) -> bool:
     folder = rd.eval_metrics(name).parent
     has_results = rd.is_done(f"eval_{name}") and rd.eval_metrics(name).exists()
     recorded = read_json(rd.eval_settings(name)) if rd.eval_settings(name).exists() else None
+    if recorded is not None:  # settings added later, at the value results made before them were made with
+        recorded = {**_EVAL_KEYS_ADDED, **recorded}
     if has_results and recorded is None:  # made before settings were recorded: assume the current ones
         log.warning("eval %s: results recorded no settings; taking them as made with %s", name, settings)
         write_json(rd.eval_settings(name), settings)
@@ -273,7 +300,7 @@ def evaluate(ctx: RunContext) -> dict[str, Any]:
                     "eval_settings": settings})
     write_json(rd.summary, summary)
     if ctx.tracker is not None and order:
-        ctx.tracker.summary(all_metrics[order[-1]])
+        ctx.tracker.summary(eval_summary({name: all_metrics[name] for name in order}))
     return {"checkpoints": order}
 
 

@@ -34,7 +34,10 @@ same panels (verl's own names are translated by :func:`verl_metrics_to_ftrl`):
                                ``perf/gen_s`` (rollout seconds)
 ``collect/<stat>``             one point per collection round
 ``warmup/loss``                supervised warm start (tiny models)
-``eval/<checkpoint>/<metric>`` e.g. ``eval/round3/ftrl_test/solve_f1``
+``eval/<checkpoint>/<metric>`` e.g. ``eval/round3/ftrl_test/solve_f1``; the run summary holds it for
+                               every evaluated checkpoint, and ``<metric>`` for the last one
+                               (:func:`eval_summary`): the keys of ``summary.json`` and of
+                               ``python -m ftrl.report table2`` (which shows them x100)
 ``verl/<name>``                verl-only diagnostics, under their verl names
 =============================  ==============================================================
 
@@ -214,6 +217,15 @@ class Tracker:
         self.finish(0 if exc_type is None else 1)
 
 
+def eval_summary(evals: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    """A W&B run summary for ``{checkpoint: metrics}`` (in checkpoint order): ``eval/<checkpoint>/<key>``
+    for each, plus the last checkpoint's metrics under their own keys, as in ``summary.json``."""
+    out: dict[str, Any] = {f"eval/{name}/{key}": value for name, metrics in evals.items() for key, value in metrics.items()}
+    if evals:
+        out.update(list(evals.values())[-1])
+    return out
+
+
 def replay_recorded_metrics(tracker: Tracker, run_dir: Path | str) -> int:
     """Send a finished run's recorded metrics to ``tracker``'s W&B run; returns the rows sent.
 
@@ -246,7 +258,7 @@ def replay_recorded_metrics(tracker: Tracker, run_dir: Path | str) -> int:
         tracker.log({f"eval/{name}/{k}": v for k, v in metrics.items()})
         sent += 1
     if evals:
-        tracker.summary(list(evals.values())[-1])
+        tracker.summary(eval_summary(evals))
     manifest.setdefault("wandb_replayed", []).append(run_id)
     write_json(rd.manifest, manifest)
     return sent

@@ -10,8 +10,8 @@
 #   bash scripts/gpu_smoke.sh                    # work dir /tmp/ftrl_gpu_smoke (wiped first)
 #   FTRL_SMOKE_DIR=/scratch/smoke PYTHON=.venv/bin/python bash scripts/gpu_smoke.sh
 #
-# Needs torch with CUDA, verl (installed with ftrl) and vllm in the same environment. If vllm is missing
-# the script runs `pip install vllm` (from FTRL_SMOKE_WHEELS=<dir> without network if set; skip with
+# Needs the pinned GPU set (pip install -e ".[gpu]": verl[vllm]==0.9.1, vllm==0.24.0, torch==2.11.0,
+# transformers==5.9.0, tensordict==0.10.0, TransferQueue). If vllm is missing the script installs that set (from FTRL_SMOKE_WHEELS=<dir> without network if set; skip with
 # FTRL_SMOKE_NO_INSTALL=1). Beware: each vllm release pins one torch version and pip replaces the installed
 # torch with it (a CPU torch becomes a CUDA one); verl 0.9.1 works with the torch that vllm brings, so
 # install vllm first and ftrl (pip install -e .) after, or use a fresh virtualenv for GPU machines.
@@ -71,9 +71,9 @@ if ! "$PY" -c 'import vllm' 2>/dev/null; then
         echo "[gpu_smoke] vllm is not installed and FTRL_SMOKE_NO_INSTALL=1"
     elif [[ -n "${FTRL_SMOKE_WHEELS:-}" ]]; then
         timed install-vllm "${FTRL_SMOKE_INSTALL_S:-300}" "$PY" -m pip install -q --no-index \
-            --find-links "$FTRL_SMOKE_WHEELS" vllm
+            --find-links "$FTRL_SMOKE_WHEELS" -e ".[gpu]"
     else
-        timed install-vllm "${FTRL_SMOKE_INSTALL_S:-300}" "$PY" -m pip install -q vllm
+        timed install-vllm "${FTRL_SMOKE_INSTALL_S:-300}" "$PY" -m pip install -q -e ".[gpu]"
     fi
 fi
 if "$PY" -c 'import vllm; print("vllm", vllm.__version__)'; then
@@ -88,12 +88,8 @@ fi
 
 # ---------------------------------------------------------------- 3. one verl GRPO step via ftrl
 overrides=("actor_rollout_ref.rollout.enforce_eager=true")
-if ! "$PY" -c 'import flash_attn' 2>/dev/null; then
-    # verl defaults to flash-attention 2 and padding removal, which needs flash_attn.
-    echo "[gpu_smoke] flash_attn missing: training with sdpa attention and without padding removal"
-    overrides+=("+actor_rollout_ref.model.override_config.attn_implementation=sdpa"
-                "actor_rollout_ref.model.use_remove_padding=false")
-fi
+# Attention: ftrl selects sdpa itself (backend.verl.attn_implementation); with flash-attn installed,
+# add backend.verl.attn_implementation=flash_attention_2 to the command below.
 verl_overrides="backend.verl.overrides=[$(printf '"%s",' "${overrides[@]}" | sed 's/,$//')]"
 
 if timed verl "${FTRL_SMOKE_VERL_S:-330}" "$PY" -m ftrl.run backend=verl resources=1x80gb +debug=smoke \

@@ -118,6 +118,10 @@ def test_ppo_critic_learns_a_value_on_a_fixed_batch(world: dict, tmp_path: Path)
         trainer._critic_step(rollout.batch, torch.arange(rollout.batch.size), returns, values, int(mask.sum()), metrics)
         losses.append(float(np.mean(metrics["critic/vf_loss"])))
     assert losses[-1] < 0.5 * losses[0], losses
+    from ftrl.train.algorithms import explained_variance
+
+    before, after = (explained_variance(v, returns, mask) for v in (values, trainer._values_all(rollout.batch)))
+    assert after > before and after > 0.0, (before, after)  # the fitted critic explains part of the returns
 
 
 def test_round_checkpoint_loads_with_from_pretrained(world: dict, tmp_path: Path) -> None:

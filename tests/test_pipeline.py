@@ -30,6 +30,7 @@ def test_smoke_run_writes_every_stage(smoke_run) -> None:
     run_dir, result = smoke_run
     summary = json.loads((run_dir / "summary.json").read_text())
     assert [e["checkpoint"] for e in summary["evals"]] == ["base", "warmup", "round1", "round2"]
+    assert summary["hacking_monitor"] == {"fired": False, "alarms": []}  # the smoke model makes no calls at all
     for entry in summary["evals"]:
         assert {"ftrl_test/solve_p", "ftrl_test/solve_r", "ftrl_test/solve_f1"} <= set(entry["metrics"])
     for name in ("train", "test"):

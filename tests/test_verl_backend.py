@@ -341,7 +341,8 @@ def test_freeze_policy_goes_through_the_worker_hook(verl_base: Any, policy: str)
     config = apply_overrides(verl_base, vb.verl_overrides(run_config, "/runs/f", 1))
     vb.validate_verl_config(config)
     assert config.actor_rollout_ref.model.external_lib == "ftrl.train.verl_worker"
-    assert config.actor_rollout_ref.actor.fsdp_config.use_orig_params is True
+    # Freeze runs train with FSDP2 (per-tensor sharding; FSDP1 kept gradient buffers for frozen tensors).
+    assert config.actor_rollout_ref.actor.strategy == "fsdp2"
     env_vars = config.ray_kwargs.ray_init.runtime_env.env_vars
     assert env_vars[vb.FREEZE_FILE_ENV] == "/runs/f/rounds/r1/train/freeze_policy.json"
 
@@ -746,7 +747,7 @@ def test_train_round_refuses_a_freeze_the_actor_never_applied(finished_round: di
     with pytest.raises(RuntimeError, match="never reported applying the policy"):
         vb.train_round(ctx, 1)
     assert json.loads(files.freeze_policy.read_text(encoding="utf-8"))["name"] == "mlp_only"
-    assert "use_orig_params=true" in files.command_script.read_text(encoding="utf-8")
+    assert "actor.strategy=fsdp2" in files.command_script.read_text(encoding="utf-8")
 
 
 def test_train_round_needs_gpus(tiny_run: dict) -> None:

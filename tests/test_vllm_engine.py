@@ -191,10 +191,19 @@ def test_thinking_mode_leaves_the_think_block_to_the_model(tokenizer) -> None:
     assert "</think>" not in engine.render(_requests("Population of Oslo?")[0])
 
 
-def test_overlong_prompt_names_the_request_and_the_key(tokenizer) -> None:
-    engine = _engine(tokenizer, FakeLLM(reply_ids=[1]), max_model_len=16)
-    with pytest.raises(ValueError, match=r"request 0: prompt of \d+ tokens .* mode\.max_prompt_tokens"):
-        engine.generate(_requests("Population of Oslo?"), SamplingParams(max_new_tokens=4))
+def test_overlong_prompt_ends_its_episode_not_the_batch(tokenizer) -> None:
+    im_end = tokenizer.get_vocab()[IM_END]
+    llm = FakeLLM(reply_ids=[1, im_end], stop_reason=im_end)
+    short, long = _requests("Oslo?", "Population of Oslo in 1990, and of Bergen, and of Trondheim, please? " * 6)
+    engine = _engine(tokenizer, llm)
+    short_len, long_len = (len(ids) for ids in engine.encode([short, long]))
+    engine.max_model_len = (short_len + long_len) // 2
+    results = engine.generate([short, long], SamplingParams(max_new_tokens=4096, n=2))
+    prompts, params = llm.calls[0]
+    assert len(prompts) == 2  # only the prompt that fits reached vLLM, capped to the room left
+    assert all(p["max_tokens"] == engine.max_model_len - short_len for p in params)
+    assert [g.finish_reason for g in results[0]] == ["stop", "stop"]
+    assert [(g.finish_reason, g.text, g.token_ids) for g in results[1]] == [("context", "", [])] * 2
 
 
 def test_from_config_refuses_a_cpu_profile() -> None:

@@ -182,6 +182,7 @@ def run_stateful_calls(
 
 def executor_from_config(cfg: Any) -> StatefulExecutor:
     """The run's executor: the shared sandbox, ``reward.tool_timeout_s``, tau-bench data from the config."""
+    sandbox_module.configure_sandbox(max_output_chars=sandbox_module.tool_output_limit(cfg))
     box = sandbox_module.get_sandbox(workers=cfg.resources.sandbox_workers)
     data_dir = cfg.envs.taubench.data_dir or getattr(cfg.eval, "data_dir", None)
     return StatefulExecutor(box, timeout=cfg.reward.tool_timeout_s, data_dir=data_dir)

@@ -491,6 +491,7 @@ def evaluate(ctx: RunContext, engine: Any, checkpoint: str) -> dict[str, float]:
     cfg = ctx.cfg
     limits = [v for v in (cfg.eval.max_samples, cfg.eval.bfcl.max_per_category) if v is not None]
     params = SamplingParams(temperature=cfg.eval.temperature, top_p=1.0, max_new_tokens=cfg.max_new_tokens,
+                            repetition_penalty=cfg.eval.repetition_penalty, inherit=cfg.eval.inherit,
                             n=1, seed=cfg.seed)
     out_dir = ctx.run_dir.eval_records(checkpoint, "bfcl").parent
     return evaluate_categories(engine, cfg.eval.bfcl.categories, out_dir, params=params,

@@ -546,6 +546,7 @@ def evaluate(ctx: Any, engine: Any, checkpoint: str) -> dict[str, float]:
     limit = general_cfg.max_per_task if general_cfg.max_per_task is not None else cfg.eval.max_samples
     samples = cap_per_group(samples, task_of, limit)
     params = SamplingParams(temperature=cfg.eval.temperature, top_p=1.0, max_new_tokens=cfg.max_new_tokens,
+                            repetition_penalty=cfg.eval.repetition_penalty, inherit=cfg.eval.inherit,
                             n=1, seed=cfg.seed)
     metrics = evaluate_general(engine, samples, ctx.run_dir.eval_records(checkpoint, BENCHMARK), params=params,
                                compat=cfg.eval.compat, enable_thinking=bool(cfg.mode.enable_thinking),

@@ -73,6 +73,7 @@ def evaluate_own_test(
             "solved": episode.solved,
             "total": episode.total,
             "turns": episode.turns,
+            "ended_by": episode.ended_by,  # "context": the conversation filled the context window
         }
         episode_log.append(episode.index, episode.record, [row])
 
@@ -100,6 +101,7 @@ def ftrl_test(ctx: RunContext, engine: Any, checkpoint: str) -> dict[str, float]
     if not records:
         raise ValueError(f"{test_path} holds no test environments to evaluate")
     params = SamplingParams(temperature=cfg.eval.temperature, top_p=1.0, max_new_tokens=cfg.max_new_tokens,
+                            repetition_penalty=cfg.eval.repetition_penalty, inherit=cfg.eval.inherit,
                             n=1, seed=cfg.seed)
     return evaluate_own_test(
         engine, records, ctx.run_dir.eval_records(checkpoint, "ftrl_test"), params=params,

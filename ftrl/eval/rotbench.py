@@ -326,6 +326,7 @@ def evaluate(ctx: Any, engine: Any, checkpoint: str) -> dict[str, float]:
     cfg = ctx.cfg
     samples = cap_per_group(load_samples(cfg), lambda sample: sample["level"], cfg.eval.max_samples)
     params = SamplingParams(temperature=cfg.eval.temperature, top_p=1.0, max_new_tokens=cfg.max_new_tokens,
+                            repetition_penalty=cfg.eval.repetition_penalty, inherit=cfg.eval.inherit,
                             n=1, seed=cfg.seed)
     return evaluate_samples(engine, samples, ctx.run_dir.eval_records(checkpoint, BENCHMARK), params=params,
                             compat=cfg.eval.compat, batch_size=cfg.eval.batch_size,

@@ -554,7 +554,8 @@ def evaluate(ctx: Any, engine: Any, checkpoint: str) -> dict[str, float]:
     samples = task_samples(tasks, settings.trials)
     box = sandbox_module.get_sandbox(workers=cfg.resources.sandbox_workers)
     execute = StatefulExecutor(box, timeout=cfg.reward.tool_timeout_s, data_dir=folder.parent)
-    params = SamplingParams(temperature=cfg.eval.temperature, top_p=1.0, max_new_tokens=cfg.max_new_tokens, n=1,
+    params = SamplingParams(temperature=cfg.eval.temperature, top_p=1.0, max_new_tokens=cfg.max_new_tokens,
+                            repetition_penalty=cfg.eval.repetition_penalty, inherit=cfg.eval.inherit, n=1,
                     seed=cfg.seed)
     user_params = SamplingParams(temperature=settings.user.temperature, top_p=1.0, max_new_tokens=settings.user.max_tokens,
                          n=1, seed=cfg.seed)

@@ -302,6 +302,7 @@ def evaluate(ctx: RunContext, engine: Any, checkpoint: str) -> dict[str, float]:
         raise ValueError(f"{path} holds no ToolHop questions")
     templates = load_prompts(options.prompt_dir, options.modes)
     params = SamplingParams(temperature=cfg.eval.temperature, top_p=1.0, max_new_tokens=cfg.max_new_tokens,
+                            repetition_penalty=cfg.eval.repetition_penalty, inherit=cfg.eval.inherit,
                             n=1, seed=cfg.seed)
     execute = executor_from_config(cfg) if any(mode != "direct" for mode in options.modes) else None
     out_dir = ctx.run_dir.eval_records(checkpoint, BENCHMARK).parent

@@ -172,3 +172,22 @@ def outcome_rewards(scores: torch.Tensor, response_mask: torch.Tensor) -> torch.
     has_tokens = lengths > 0
     rewards[rows[has_tokens], lengths[has_tokens] - 1] = scores[has_tokens].float()
     return rewards
+
+
+def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> float:
+    """1 - Var(returns - values) / Var(returns) over the response tokens (verl's ``critic/vf_explained_var``).
+
+    1 is a perfect critic, 0 one no better than a constant, negative worse than that; 0.0 when the
+    returns have no variance (nothing to explain).
+    """
+    mask = mask.to(values.dtype)
+    count = mask.sum().clamp(min=1)
+
+    def variance(x: torch.Tensor) -> torch.Tensor:
+        mean = (x * mask).sum() / count
+        return (((x - mean) ** 2) * mask).sum() / count
+
+    var_returns = variance(returns)
+    if float(var_returns) == 0.0:
+        return 0.0
+    return float(1.0 - variance(returns - values) / var_returns)

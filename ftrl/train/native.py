@@ -32,8 +32,16 @@ from ftrl.artifacts import HISTORY_JSONL, TRAINER_STATE_PT
 from ftrl.config import RunConfig
 from ftrl.progress import progress
 from ftrl.run_state import RunContext
-from ftrl.train.algorithms import actor_loss, compute_advantages, critic_loss, outcome_rewards, verl_actor_config
+from ftrl.train.algorithms import (
+    actor_loss,
+    compute_advantages,
+    critic_loss,
+    explained_variance,
+    outcome_rewards,
+    verl_actor_config,
+)
 from ftrl.train.batch import TokenBatch, make_token_batch, micro_batches, pad_to, response_logprobs, value_predictions
+from ftrl.train.monitor import HackingMonitor
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +122,8 @@ class NativeTrainer:
     """One round of step-level RL on a list of snapshot records."""
 
     def __init__(self, cfg: RunConfig, policy: str | Path, snapshots: Sequence[Mapping[str, Any]],
-                 out_dir: Path, round_k: int = 1, tracker: Any = None, step_offset: int = 0) -> None:
+                 out_dir: Path, round_k: int = 1, tracker: Any = None, step_offset: int = 0,
+                 monitor_history: Sequence[Mapping[str, Any]] = ()) -> None:
         from ftrl.llm.engines.hf import HFEngine
         from ftrl.llm.models import load_model_and_tokenizer, resolve_device
         from ftrl.train.freeze import apply_freeze_policy, apply_lora
@@ -172,6 +181,8 @@ class NativeTrainer:
         self.history_path = self.out_dir / HISTORY_JSONL
         self.step = 0
         self.no_calls = NoCallWatch(round_k)
+        self.monitor = HackingMonitor(train.monitor_window, train.monitor_calls_factor, train.monitor_precision_factor)
+        self.monitor.replay(monitor_history)
 
     # ---------------------------------------------------------------- data
     def _fit_prompts(self, snapshots: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
@@ -328,6 +339,7 @@ class NativeTrainer:
         result["actor/advantage_abs_mean"] = float((advantages.abs() * mask).sum() / mask.sum().clamp(min=1))
         if values is not None:
             result["critic/values_mean"] = float((values * mask).sum() / mask.sum().clamp(min=1))
+            result["critic/explained_var"] = explained_variance(values, returns, mask)
         return result
 
     def _critic_step(self, batch: TokenBatch, mini: torch.Tensor, returns: torch.Tensor, old_values: torch.Tensor,
@@ -379,6 +391,7 @@ class NativeTrainer:
         rollout = self.rollout(prompts, seed=step_seed(self.cfg.seed, self.round_k, self.step))
         self.no_calls.observe(self.step, rollout.metrics)
         metrics = dict(rollout.metrics)
+        metrics.update(self.monitor.observe(self.round_k, self.step + 1, rollout.metrics))
         update_started = time.time()
         metrics.update(self.update(rollout))
         metrics["perf/update_s"] = time.time() - update_started
@@ -390,6 +403,7 @@ class NativeTrainer:
 
     def run(self) -> list[dict[str, float]]:
         self._resume()
+        self.monitor.replay(row for row in read_history(self.history_path) if row.get("step", 0) <= self.step)
         if self.total_steps == 0:
             raise ValueError(f"round {self.round_k}: no snapshots to train on")
         bar = progress(total=self.total_steps, initial=self.step, desc=f"train r{self.round_k}", unit="step")
@@ -435,9 +449,9 @@ def train_round(ctx: RunContext, k: int) -> dict[str, Any]:
     snapshots_path = rd.snapshots(k)
     if not snapshots_path.exists():
         raise FileNotFoundError(f"{snapshots_path} is missing: the collect stage of round {k} must run first")
-    offset = sum(len(read_history(rd.train_history(j))) for j in range(1, k))
+    earlier = [row for j in range(1, k) for row in read_history(rd.train_history(j))]
     trainer = NativeTrainer(ctx.cfg, ctx.policy_for_round(k), read_records(snapshots_path), rd.train_dir(k),
-                            round_k=k, tracker=ctx.tracker, step_offset=offset)
+                            round_k=k, tracker=ctx.tracker, step_offset=len(earlier), monitor_history=earlier)
     history = trainer.run()
     save_hf_checkpoint(trainer.model, trainer.tokenizer, rd.checkpoint_dir(f"round{k}"))
     trainer.state_path.unlink(missing_ok=True)  # the finished checkpoint supersedes the resume state
@@ -445,4 +459,5 @@ def train_round(ctx: RunContext, k: int) -> dict[str, Any]:
     log.info("train round %d: %d steps, reward %.3f -> %.3f; %s", k, len(history),
              first["reward/score"], last["reward/score"], trainer.freeze_report.describe())
     return {"steps": len(history), "reward_first": first["reward/score"], "reward_last": last["reward/score"],
-            "snapshots": len(trainer.snapshots)}
+            "snapshots": len(trainer.snapshots),
+            "monitor_alarms": [vars(alarm) for alarm in trainer.monitor.alarms if alarm.round == k]}

@@ -63,6 +63,19 @@ class FTRLStepAgentLoop(AgentLoopBase):
                                                         sampling_params=params)
         response_ids = list(output.token_ids)[: self.response_length]
         logprobs = list(output.log_probs)[: len(response_ids)] if output.log_probs else None
+        if not response_ids:
+            # An aborted or empty generation: verl's postprocessing indexes the last response token, so
+            # return one end-of-turn token (masked out of the loss) and score the empty text.
+            log.warning("agent loop '%s': empty generation (stop reason %r); padded with eos, masked", AGENT_NAME,
+                        getattr(output, "stop_reason", None))
+            eos = self.tokenizer.eos_token_id if self.tokenizer.eos_token_id is not None else self.tokenizer.pad_token_id
+            return AgentLoopOutput(
+                prompt_ids=list(prompt_ids), response_ids=[int(eos)], response_mask=[0],
+                response_logprobs=[0.0] if output.log_probs is not None else None, num_turns=2,
+                metrics={**metrics, "num_preempted": -1},
+                extra_fields={**(output.extra_fields or {}), RESPONSE_TEXT_KEY: "", "turn_scores": [],
+                              "tool_rewards": []},
+            )
         metrics["num_preempted"] = output.num_preempted if output.num_preempted is not None else -1
         text = self.tokenizer.decode(response_ids, skip_special_tokens=False)
         return AgentLoopOutput(

@@ -22,7 +22,8 @@ Dataset schema (one row per snapshot; what ``verl.utils.dataset.RLHFDataset`` re
     data_source   scenario name (reward_fn_key)
     agent_name    "ftrl_step": the agent loop of ftrl.train.verl_agent_loop (per-row tools)
     reward_model  {style: "rule", ground_truth: answer}
-    extra_info    {index, split, tools, codes, unsolved_set (JSON strings), solve_rate, answer}
+    extra_info    {index, split, tools, codes, unsolved_set (JSON strings), solve_rate, answer,
+                   state, messages (JSON strings; stateful tau-bench rows only, else null)}
 
 Parquet stores the messages as structs: every message gets every key any message has (None where
 absent) and lists may come back as numpy arrays; :func:`messages_from_row` undoes both, so the agent
@@ -91,6 +92,17 @@ WORKER_HOOK_MODULE = "ftrl.train.verl_worker"
 FREEZE_FILE_ENV = "FTRL_VERL_FREEZE_FILE"
 # The reward metric the native trainer logs as reward/score is verl's critic/score/mean.
 _SNAPSHOT_JSON_FIELDS: tuple[str, ...] = ("tools", "codes", "unsolved_set")
+STATE_KEY = "state"
+# What backend=verl needs in the interpreter that runs verl (module: what to install). verl 0.9.1's
+# default trainer (trainer.use_v1=true, the supported one) imports transfer_queue at start.
+GPU_INSTALL = "pip install -e '.[gpu]'  (verl[vllm]==0.9.1: vllm==0.24.0, torch==2.11.0, transformers==5.9.0, " \
+              "tensordict==0.10.0, TransferQueue; docs/scale.md)"
+VERL_RUNTIME_MODULES: dict[str, str] = {
+    "verl": "verl==0.9.1",
+    "transfer_queue": "TransferQueue (verl's verl-core extra)",
+    "tensordict": "tensordict==0.10.0",
+    "ray": "ray[default]",
+}
 
 
 # ------------------------------------------------------------------------------------ round files
@@ -128,6 +140,11 @@ class VerlRoundFiles:
     @property
     def metrics(self) -> Path:
         return self.train_dir / VERL_METRICS_JSONL
+
+    @property
+    def earlier_metrics(self) -> Path:
+        """verl's metrics of earlier (killed) attempts: its file logger truncates the file when it restarts."""
+        return self.train_dir / (Path(VERL_METRICS_JSONL).stem + ".earlier.jsonl")
 
     @property
     def command_script(self) -> Path:
@@ -187,13 +204,16 @@ def verl_row(record: Mapping[str, Any], index: int) -> dict[str, Any]:
     """One snapshot (reference record) as a row of verl's dataset schema (module docstring)."""
     from ftrl.types import as_json_obj
 
-    missing = [key for key in ("messages", "tools", "codes", "unsolved_set", "data_source") if key not in record]
+    missing = [key for key in ("messages", "tools", "codes", "unsolved_set", "data_source", "answer")
+               if key not in record or record[key] is None]
     if missing:
+        # A missing answer would become "" and make the reward's "answer in the text" branch fire on every turn.
         raise KeyError(f"snapshot {index} lacks field(s) {missing}; has {sorted(record)}")
-    answer = record.get("answer")
-    answer = "" if answer is None else str(answer)
+    answer = str(record["answer"])
+    messages = [_message_for_parquet(m) for m in as_json_obj(record["messages"])]
+    stateful = bool(record.get(STATE_KEY))
     return {
-        PROMPT_KEY: [_message_for_parquet(m) for m in as_json_obj(record["messages"])],
+        PROMPT_KEY: messages,
         "data_source": str(record["data_source"]),
         "agent_name": AGENT_NAME,
         "reward_model": {"style": "rule", "ground_truth": answer},
@@ -203,6 +223,10 @@ def verl_row(record: Mapping[str, Any], index: int) -> dict[str, Any]:
             **{key: _json_text(record[key]) for key in _SNAPSHOT_JSON_FIELDS},
             "solve_rate": float(record.get("solve_rate") or 0.0),
             "answer": answer,
+            # Stateful environments (tau-bench): the reward replays the history on the initial state,
+            # so it needs both; stateless rows leave them null (the prompt column has the messages).
+            STATE_KEY: _json_text(record[STATE_KEY]) if stateful else None,
+            "messages": json.dumps(as_json_obj(record["messages"]), ensure_ascii=False) if stateful else None,
         },
     }
 
@@ -360,6 +384,11 @@ def planned_steps(cfg: RunConfig, num_prompts: int) -> int:
     return steps
 
 
+def fsdp_strategy(cfg: RunConfig) -> str:
+    """``backend.verl.strategy``, except that freeze runs use FSDP2 (FSDP1 keeps gradient buffers for frozen tensors)."""
+    return "fsdp2" if cfg.freeze.name != "none" else cfg.backend.verl.strategy
+
+
 @dataclass(frozen=True)
 class _RoundPlan:
     """What every section of a round's verl overrides reads."""
@@ -401,6 +430,11 @@ def _model_overrides(o: _OverrideList, p: _RoundPlan) -> None:
     o.set("actor_rollout_ref.model.path", policy)
     o.set("actor_rollout_ref.model.trust_remote_code", cfg.model.trust_remote_code)
     o.set("actor_rollout_ref.model.enable_gradient_checkpointing", train.gradient_checkpointing)
+    # verl builds actor and ref with flash_attention_2 unless told otherwise (flash-attn is not installed
+    # by the gpu extra); packing without padding needs flash-attn's varlen kernels, so sdpa pads.
+    attention = cfg.backend.verl.attn_implementation
+    o.add("actor_rollout_ref.model.override_config.attn_implementation", attention)
+    o.set("actor_rollout_ref.model.use_remove_padding", attention == "flash_attention_2")
     if cfg.freeze.name != "none":
         o.set("actor_rollout_ref.model.external_lib", WORKER_HOOK_MODULE)
     if cfg.peft.name == "lora":
@@ -417,7 +451,7 @@ def _actor_overrides(o: _OverrideList, p: _RoundPlan) -> None:
     token_budget = p.token_budget
     uses_kl = p.cfg.train.use_kl_loss
     actor = "actor_rollout_ref.actor"
-    o.set(f"{actor}.strategy", verl.strategy)
+    o.set(f"{actor}.strategy", fsdp_strategy(cfg))
     o.set(f"{actor}.ppo_mini_batch_size", train.mini_batch_prompts)
     o.set(f"{actor}.use_dynamic_bsz", verl.use_dynamic_bsz)
     if verl.use_dynamic_bsz:
@@ -434,6 +468,7 @@ def _actor_overrides(o: _OverrideList, p: _RoundPlan) -> None:
     o.set(f"{actor}.clip_ratio_c", train.clip_ratio_c)
     o.set(f"{actor}.loss_agg_mode", train.loss_agg_mode)
     o.set(f"{actor}.entropy_coeff", train.entropy_coeff)
+    o.set(f"{actor}.entropy_from_logits_with_chunking", verl.entropy_chunking)
     o.set(f"{actor}.use_kl_loss", uses_kl)
     o.set(f"{actor}.kl_loss_coef", train.kl_loss_coef)
     o.set(f"{actor}.kl_loss_type", train.kl_loss_type)
@@ -444,7 +479,7 @@ def _actor_overrides(o: _OverrideList, p: _RoundPlan) -> None:
     o.set(f"{actor}.optim.clip_grad", train.grad_clip)
     o.set(f"{actor}.fsdp_config.param_offload", verl.param_offload)
     o.set(f"{actor}.fsdp_config.optimizer_offload", verl.optimizer_offload)
-    if cfg.freeze.name != "none" and verl.strategy == "fsdp":
+    if cfg.freeze.name != "none" and fsdp_strategy(cfg) == "fsdp":
         # FSDP1 flattens each layer's tensors into one parameter, which must share requires_grad
         # unless the original parameters are kept.
         o.set(f"{actor}.fsdp_config.use_orig_params", True)
@@ -464,6 +499,8 @@ def _rollout_overrides(o: _OverrideList, p: _RoundPlan) -> None:
     o.set(f"{rollout}.seed", cfg.seed)
     o.set(f"{rollout}.tensor_model_parallel_size", cfg.resources.tensor_parallel_size)
     o.set(f"{rollout}.gpu_memory_utilization", cfg.resources.gpu_memory_utilization)
+    # vLLM otherwise reserves KV cache for the model's whole window (40k-128k tokens).
+    o.set(f"{rollout}.max_model_len", cfg.mode.max_prompt_tokens + cfg.max_new_tokens)
     o.set(f"{rollout}.agent.agent_loop_config_path", str(files.agent_loops))
     o.set(f"{rollout}.agent.default_agent_loop", AGENT_NAME)
     o.set(f"{rollout}.agent.num_workers", verl.agent_workers)
@@ -480,6 +517,9 @@ def _reward_overrides(o: _OverrideList, p: _RoundPlan) -> None:
     o.add(f"{reward_kwargs}.compat", cfg.reward.compat)
     o.add(f"{reward_kwargs}.parser", cfg.model.parser)
     o.add(f"{reward_kwargs}.timeout", float(cfg.reward.tool_timeout_s))
+    from ftrl.envs.sandbox import tool_output_limit
+
+    o.add(f"{reward_kwargs}.max_output_chars", tool_output_limit(cfg))
 
 
 def _algorithm_overrides(o: _OverrideList, p: _RoundPlan) -> None:
@@ -502,8 +542,10 @@ def _critic_overrides(o: _OverrideList, p: _RoundPlan) -> None:
     token_budget = p.token_budget
     o.set("critic.enable", algorithm.use_critic)
     if algorithm.use_critic:
-        o.set("critic.strategy", verl.strategy)
+        o.set("critic.strategy", fsdp_strategy(cfg))
         o.set("critic.model.path", policy)
+        o.add("critic.model.override_config.attn_implementation", verl.attn_implementation)
+        o.set("critic.model.use_remove_padding", verl.attn_implementation == "flash_attention_2")
         o.set("critic.model.trust_remote_code", cfg.model.trust_remote_code)
         o.set("critic.model.enable_gradient_checkpointing", train.gradient_checkpointing)
         o.set("critic.optim.lr", algorithm.critic.lr)
@@ -697,6 +739,37 @@ def _run_logged(command: Sequence[str], log_path: Path, env: Mapping[str, str], 
         raise RuntimeError(f"{what} exited with code {code}; full log: {log_path}\n--- last lines ---\n{tail}")
 
 
+_ROLLOUT_PACKAGES = {"vllm": "vllm==0.24.0", "sglang": "sglang==0.5.12"}
+
+
+def missing_verl_runtime(python: str, rollout_engine: str = "vllm") -> dict[str, str]:
+    """Modules the verl job needs that ``python`` cannot import: {module: what to install}."""
+    needed = dict(VERL_RUNTIME_MODULES)
+    needed[rollout_engine] = _ROLLOUT_PACKAGES.get(rollout_engine, rollout_engine)
+    if os.path.realpath(python) == os.path.realpath(sys.executable):
+        import importlib.util
+
+        absent = [name for name in needed if importlib.util.find_spec(name) is None]
+    else:
+        probe = ("import importlib.util, json, sys; "
+                 "print(json.dumps([m for m in sys.argv[1:] if importlib.util.find_spec(m) is None]))")
+        out = subprocess.run([python, "-c", probe, *needed], capture_output=True, text=True, check=False, timeout=120)
+        if out.returncode != 0:
+            raise RuntimeError(f"backend.verl.python={python} does not run: {out.stderr.strip()[-500:]}")
+        absent = json.loads(out.stdout.strip().splitlines()[-1])
+    return {name: needed[name] for name in absent}
+
+
+def check_verl_runtime(cfg: RunConfig) -> None:
+    """Fail before verl starts (and before Ray spends minutes) when its interpreter lacks a package."""
+    python = python_executable(cfg)
+    missing = missing_verl_runtime(python, cfg.backend.verl.rollout_engine)
+    if missing:
+        raise RuntimeError(f"backend=verl: {python} cannot import {sorted(missing)} "
+                           f"({', '.join(missing.values())}); verl 0.9.1's trainer (trainer.use_v1=true) imports "
+                           f"transfer_queue at start. Install the pinned GPU set: {GPU_INSTALL}")
+
+
 def latest_checkpoint(checkpoints: Path) -> tuple[int, Path] | None:
     """(step, actor directory) of verl's last saved checkpoint under ``trainer.default_local_dir``."""
     marker = Path(checkpoints) / "latest_checkpointed_iteration.txt"
@@ -730,14 +803,31 @@ def merge_checkpoint(python: str, actor_dir: Path, target_dir: Path, log_path: P
 
 
 # ------------------------------------------------------------------------------------ metrics
-def history_rows(metrics_path: Path, k: int, step_offset: int) -> list[dict[str, Any]]:
-    """verl's file-logger lines (``{"step", "data"}``) as native-style history rows."""
-    rows: list[dict[str, Any]] = []
-    if not Path(metrics_path).is_file():
-        return rows
-    for step, metrics in read_verl_metrics_file(metrics_path):
-        rows.append({"round": k, "step": step, "global_step": step_offset + step, **verl_metrics_to_ftrl(metrics)})
-    return rows
+def history_rows(metrics_path: Path, k: int, step_offset: int,
+                 earlier_path: Path | None = None) -> list[dict[str, Any]]:
+    """verl's file-logger lines (``{"step", "data"}``) as native-style history rows, by step.
+
+    ``earlier_path`` holds the lines of attempts killed before (kept by :func:`keep_earlier_metrics`);
+    a step logged again after a resume keeps its latest values.
+    """
+    by_step: dict[int, dict[str, Any]] = {}
+    for path in (earlier_path, metrics_path):
+        if path is None or not Path(path).is_file():
+            continue
+        for step, metrics in read_verl_metrics_file(path):
+            by_step[step] = {"round": k, "step": step, "global_step": step_offset + step,
+                             **verl_metrics_to_ftrl(metrics)}
+    return [by_step[step] for step in sorted(by_step)]
+
+
+def keep_earlier_metrics(files: VerlRoundFiles) -> None:
+    """Before verl (re)starts: move its metrics file's lines to ``earlier_metrics`` (verl reopens it with "wb")."""
+    if not files.metrics.is_file() or files.metrics.stat().st_size == 0:
+        return
+    text = files.metrics.read_text(encoding="utf-8")
+    with open(files.earlier_metrics, "a", encoding="utf-8") as handle:
+        handle.write(text if text.endswith("\n") else text + "\n")
+    files.metrics.unlink()
 
 
 # ------------------------------------------------------------------------------------ stage entry
@@ -810,6 +900,8 @@ def train_round(ctx: RunContext, k: int) -> dict[str, Any]:
     if done is not None and done[0] >= plan["steps"]:
         log.info("verl round %d: checkpoint of the last step %d exists; not launching verl again", k, done[0])
     else:
+        check_verl_runtime(cfg)
+        keep_earlier_metrics(files)
         _run_logged(plan["command"], files.log, plan["env"], "verl.trainer.main_ppo")
         done = latest_checkpoint(files.checkpoints)
         if done is None:
@@ -835,7 +927,7 @@ def train_round(ctx: RunContext, k: int) -> dict[str, Any]:
     from ftrl.train.native import read_history
 
     offset = sum(len(read_history(VerlRoundFiles.of(rd, j).history)) for j in range(1, k))
-    history = history_rows(files.metrics, k, offset)
+    history = history_rows(files.metrics, k, offset, files.earlier_metrics)
     files.history.write_text("".join(json.dumps(row) + "\n" for row in history), encoding="utf-8")
     if ctx.tracker is not None:
         for row in history:

@@ -97,7 +97,8 @@ from ftrl.envs.sandbox.worker import truncate_output
 
 __all__ = [
     "DEFAULT_TIMEOUT_S", "SCOPES", "Codes", "Job", "Sandbox", "SandboxError", "call_tools",
-    "configure_from_run_config", "configure_sandbox", "get_sandbox", "shutdown_sandbox", "truncate_output",
+    "configure_from_run_config", "configure_sandbox", "get_sandbox", "shutdown_sandbox", "tool_output_limit",
+    "truncate_output",
 ]
 
 # ------------------------------------------------------------------ process-wide default
@@ -124,10 +125,25 @@ def configure_sandbox(**options: Any) -> None:
             _default_sandbox = None
 
 
+# "No cut" (reward.compat=ftrl, as the reference): bounded only by the worker's memory limit.
+UNCUT_OUTPUT_CHARS = 50_000_000
+CUT_OUTPUT_CHARS = 20000  # the cut under reward.compat=fixed
+CUT_MARKER = "\n...[truncated by the sandbox: "
+
+
+def tool_output_limit(run_config: Any) -> int:
+    """Characters a tool output keeps: ``reward.max_tool_output_chars``, else by ``reward.compat``."""
+    chars = getattr(run_config.reward, "max_tool_output_chars", None)
+    if chars is not None:
+        return int(chars)
+    return UNCUT_OUTPUT_CHARS if run_config.reward.compat == "ftrl" else CUT_OUTPUT_CHARS
+
+
 def configure_from_run_config(run_config: Any) -> None:
-    """Apply ``resources.sandbox_workers`` and ``reward.tool_timeout_s`` of a RunConfig."""
+    """Apply ``resources.sandbox_workers``, ``reward.tool_timeout_s`` and the tool-output cut of a RunConfig."""
     configure_sandbox(workers=int(run_config.resources.sandbox_workers),
-                      timeout=float(run_config.reward.tool_timeout_s))
+                      timeout=float(run_config.reward.tool_timeout_s),
+                      max_output_chars=tool_output_limit(run_config))
 
 
 def get_sandbox(workers: int | None = None) -> Sandbox:

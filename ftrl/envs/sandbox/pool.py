@@ -248,7 +248,7 @@ class Sandbox:
         self._closed = False
         self._logged_start = False
         self._stats = {"calls": 0, "messages": 0, "compiles": 0, "timeouts": 0, "crashes": 0,
-                       "workers_started": 0, "recycled": 0, "code_bytes_sent": 0}
+                       "workers_started": 0, "recycled": 0, "code_bytes_sent": 0, "outputs_cut": 0}
         self._finalizer = weakref.finalize(self, _close_all, self._slots, self._root, self._owner_pid)
 
     # ------------------------------------------------------------------ public API
@@ -646,6 +646,8 @@ class Sandbox:
             # The worker already cut long outputs (marker included); this bounds a worker that did not.
             if len(text) > limit + _MARKER_ROOM:
                 text = truncate_output(text, limit)
+            if len(text) > limit and "\n...[truncated by the sandbox: " in text[limit:]:
+                self._stats["outputs_cut"] += 1
             outputs[task.calls[offset].slot] = text
         task.received += len(texts)
         if message.get("done"):

@@ -10,22 +10,36 @@ engine (CPU / one GPU), a vLLM engine and an OpenAI-compatible client are interc
 from __future__ import annotations
 
 import abc
-from collections.abc import Sequence
+import json
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-FINISH_REASONS: tuple[str, ...] = ("stop", "length")
+# "context": the prompt alone filled the engine's context window; the turn is empty and the episode
+# ends there (collection and evaluation record it), instead of the whole batch failing.
+FINISH_REASONS: tuple[str, ...] = ("stop", "length", "context")
+# The generation-config entries ``SamplingParams.inherit`` takes from a model (the reference's HF
+# ``generate(do_sample=True, temperature=...)`` applies them implicitly).
+INHERITED_WARPERS: tuple[str, ...] = ("top_k", "top_p", "repetition_penalty")
 
 
 @dataclass
 class SamplingParams:
-    """How to sample. ``temperature == 0`` means greedy; ``n`` generations per request."""
+    """How to sample. ``temperature == 0`` means greedy; ``n`` generations per request.
+
+    ``top_k == 0`` and ``repetition_penalty == 1.0`` are off. ``inherit``: top_k, top_p and
+    repetition_penalty come from the model's generation config where it sets them (these fields
+    otherwise); greedy decoding keeps only the repetition penalty. See :func:`effective_warpers`.
+    """
 
     temperature: float = 1.0
     top_p: float = 1.0
     max_new_tokens: int = 256
     n: int = 1
     seed: int | None = None
+    top_k: int = 0
+    repetition_penalty: float = 1.0
+    inherit: bool = False
 
     def validate(self) -> SamplingParams:
         if self.temperature < 0:
@@ -36,11 +50,55 @@ class SamplingParams:
             raise ValueError(f"SamplingParams.max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if self.n < 1:
             raise ValueError(f"SamplingParams.n must be >= 1, got {self.n}")
+        if self.top_k < 0:
+            raise ValueError(f"SamplingParams.top_k must be >= 0 (0 = off), got {self.top_k}")
+        if self.repetition_penalty <= 0:
+            raise ValueError(f"SamplingParams.repetition_penalty must be > 0 (1.0 = off), got {self.repetition_penalty}")
         return self
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+
+def read_generation_defaults(model_path: Any) -> dict[str, Any]:
+    """top_k / top_p / repetition_penalty of a model's ``generation_config.json`` ({} if none).
+
+    A local directory is read directly; a hub id only from the local Hugging Face cache (where vLLM has
+    downloaded the model by the time its engine asks), never over the network.
+    """
+    from pathlib import Path
+
+    path = Path(str(model_path)) / "generation_config.json"
+    if not path.is_file():
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            cached = try_to_load_from_cache(str(model_path), "generation_config.json")
+        except Exception:  # noqa: BLE001 - not a hub id, or no cache: nothing to inherit
+            cached = None
+        if not isinstance(cached, str):
+            return {}
+        path = Path(cached)
+    data = json.loads(path.read_text(encoding="utf-8"))
+    return {key: data[key] for key in INHERITED_WARPERS if data.get(key) is not None}
+
+
+def effective_warpers(params: SamplingParams, model_defaults: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """``{top_k, top_p, repetition_penalty}`` one call samples with (0 / 1.0 / 1.0: off).
+
+    ``model_defaults`` (the model's generation config) replace the params' values only when
+    ``params.inherit``; greedy decoding keeps only the repetition penalty (as HF ``generate`` does).
+    """
+    warpers: dict[str, Any] = {"top_k": int(params.top_k), "top_p": float(params.top_p),
+                               "repetition_penalty": float(params.repetition_penalty)}
+    if params.inherit and model_defaults:
+        for key in INHERITED_WARPERS:
+            if model_defaults.get(key) is not None:
+                warpers[key] = type(warpers[key])(model_defaults[key])
+    if params.greedy:
+        warpers.update(top_k=0, top_p=1.0)
+    return warpers
 
 
 @dataclass

@@ -26,7 +26,14 @@ import torch
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from ftrl.llm.chat_template import END_OF_TEXT, IM_END
-from ftrl.llm.engines.base import ChatRequest, Generation, SamplingParams, TemplateEngine
+from ftrl.llm.engines.base import (
+    INHERITED_WARPERS,
+    ChatRequest,
+    Generation,
+    SamplingParams,
+    TemplateEngine,
+    effective_warpers,
+)
 from ftrl.llm.models import load_model_and_tokenizer, prepare_tokenizer_for_generation, resolve_device
 
 log = logging.getLogger(__name__)
@@ -149,8 +156,30 @@ class HFEngine(TemplateEngine):
             for text, prompt, response, reason in zip(texts, prompts, responses, finish_reasons)
         ]
 
+    def model_generation_defaults(self) -> dict[str, object]:
+        """top_k / top_p / repetition_penalty of the model's generation config (what ``inherit`` takes)."""
+        config = self.model.generation_config
+        return {key: getattr(config, key) for key in INHERITED_WARPERS if getattr(config, key, None) is not None}
+
+    def close(self) -> None:
+        """Release the model and the GPU memory it holds (before verl or vLLM starts in this process tree)."""
+        model, self.model = self.model, None
+        if model is None:
+            return
+        with contextlib.suppress(Exception):
+            model.to("cpu")
+        del model
+        import gc
+
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
     def _generation_config(self, params: SamplingParams) -> GenerationConfig:
         options: dict[str, object] = dict(_NEUTRAL_WARPERS)
+        # Off unless asked for (collect.top_k / repetition_penalty) or inherited from the model (inherit).
+        warpers = effective_warpers(params, self.model_generation_defaults())
+        options["repetition_penalty"] = warpers["repetition_penalty"]
         options.update(
             max_new_tokens=params.max_new_tokens,
             eos_token_id=list(self.stop_token_ids),
@@ -161,7 +190,8 @@ class HFEngine(TemplateEngine):
             # Sampling knobs at their defaults so a model's sampling preset neither applies nor warns.
             options.update(do_sample=False, temperature=1.0, top_p=1.0, top_k=50)
         else:
-            options.update(do_sample=True, temperature=params.temperature, top_p=params.top_p, top_k=0)
+            options.update(do_sample=True, temperature=params.temperature, top_p=warpers["top_p"],
+                           top_k=warpers["top_k"])
         if getattr(self.model.generation_config, "min_p", None) is not None:
             options["min_p"] = 0.0  # keeps every token; None would fall back to the model's value
         return GenerationConfig(**options)

@@ -196,6 +196,23 @@ def message_text(message: Mapping[str, Any]) -> str:
     return "\n".join(part for part in (message.get("content") or "", format_qwen_tool_calls(calls)) if part)
 
 
+def openai_sampling_extra(params: SamplingParams) -> dict[str, Any]:
+    """Request fields beyond the OpenAI API's own for ``params`` (vLLM/SGLang servers read them).
+
+    ``top_k`` / ``repetition_penalty`` are sent only when set (OpenAI itself has neither). With
+    ``inherit`` they and ``top_p`` are left out (None), so a vLLM server applies the model's
+    generation config (its default ``--generation-config auto``).
+    """
+    if params.inherit:
+        return {"top_p": None} if not params.greedy else {}
+    extra: dict[str, Any] = {}
+    if params.top_k > 0 and not params.greedy:
+        extra["top_k"] = int(params.top_k)
+    if params.repetition_penalty != 1.0:
+        extra["repetition_penalty"] = float(params.repetition_penalty)
+    return extra
+
+
 class OpenAIEngine(ChatEngine):
     """Chat completions from an OpenAI-compatible endpoint, with retries, a concurrency cap and usage."""
 
@@ -425,6 +442,7 @@ class OpenAIEngine(ChatEngine):
         n: int = 1,
         seed: int | None = None,
         json_mode: bool = False,
+        extra: Mapping[str, Any] | None = None,
     ) -> list[Completion]:
         """``n`` completions of ``messages`` (reference format). Servers that ignore ``n`` are asked again."""
         body: dict[str, Any] = {
@@ -440,6 +458,11 @@ class OpenAIEngine(ChatEngine):
             body["seed"] = seed
         if json_mode:
             body["response_format"] = {"type": "json_object"}
+        for key, value in (extra or {}).items():
+            if value is None:
+                body.pop(key, None)  # left to the server (e.g. vLLM's defaults from the model's generation config)
+            else:
+                body[key] = value
         if self.enable_thinking is not None:
             # vLLM/SGLang pass this to the chat template (Qwen3's thinking switch); others ignore it.
             body["chat_template_kwargs"] = {"enable_thinking": self.enable_thinking}
@@ -497,6 +520,7 @@ class OpenAIEngine(ChatEngine):
                 max_tokens=params.max_new_tokens,
                 n=params.n,
                 seed=params.seed,
+                extra=openai_sampling_extra(params),
             )
             return [
                 Generation(

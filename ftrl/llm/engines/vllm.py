@@ -35,7 +35,14 @@ from pathlib import Path
 from typing import Any
 
 from ftrl.llm.chat_template import END_OF_TEXT, IM_END
-from ftrl.llm.engines.base import ChatRequest, Generation, SamplingParams, TemplateEngine
+from ftrl.llm.engines.base import (
+    ChatRequest,
+    Generation,
+    SamplingParams,
+    TemplateEngine,
+    effective_warpers,
+    read_generation_defaults,
+)
 
 log = logging.getLogger(__name__)
 
@@ -44,21 +51,25 @@ TOP_K_DISABLED = -1
 
 
 def sampling_kwargs(params: SamplingParams, stop_token_ids: Sequence[int],
-                    seed: int | None) -> dict[str, Any]:
+                    seed: int | None, model_defaults: dict[str, Any] | None = None,
+                    max_tokens: int | None = None) -> dict[str, Any]:
     """Keyword arguments of one ``vllm.SamplingParams`` (one sample of one request).
 
-    ``temperature == 0`` is vLLM's greedy mode; otherwise only temperature and top-p shape the
-    distribution, so the sampled turn is on-policy for the trainer's log-probabilities.
+    ``temperature == 0`` is vLLM's greedy mode; otherwise temperature and top-p shape the
+    distribution, plus top-k and the repetition penalty when the params ask for them or inherit
+    them from the model (``model_defaults``, its generation config; see ``effective_warpers``).
+    ``max_tokens`` caps the response (room left in the context window).
     """
     params.validate()
+    warpers = effective_warpers(params, model_defaults)
     kwargs: dict[str, Any] = {
         "n": 1,
-        "max_tokens": params.max_new_tokens,
+        "max_tokens": params.max_new_tokens if max_tokens is None else min(max_tokens, params.max_new_tokens),
         "stop_token_ids": list(stop_token_ids),
         "detokenize": False,  # the engine decodes the final ids itself (see to_generation)
-        "top_k": TOP_K_DISABLED,
+        "top_k": warpers["top_k"] if warpers["top_k"] > 0 else TOP_K_DISABLED,
         "min_p": 0.0,
-        "repetition_penalty": 1.0,
+        "repetition_penalty": warpers["repetition_penalty"],
         "presence_penalty": 0.0,
         "frequency_penalty": 0.0,
         "seed": seed,
@@ -66,8 +77,13 @@ def sampling_kwargs(params: SamplingParams, stop_token_ids: Sequence[int],
     if params.greedy:
         kwargs.update(temperature=0.0, top_p=1.0)
     else:
-        kwargs.update(temperature=params.temperature, top_p=params.top_p)
+        kwargs.update(temperature=params.temperature, top_p=warpers["top_p"])
     return kwargs
+
+
+def context_limited(prompt_token_ids: Sequence[int]) -> Generation:
+    """The empty turn of a prompt that fills the context window: its episode ends here (recorded)."""
+    return Generation(text="", prompt_token_ids=list(prompt_token_ids), token_ids=[], finish_reason="context")
 
 
 def expand_jobs(num_requests: int, params: SamplingParams) -> list[tuple[int, int | None]]:
@@ -153,6 +169,7 @@ class VLLMEngine(TemplateEngine):
         max_model_len: int | None = None,
         sampling_params_cls: Callable[..., Any] | None = None,
         show_progress: bool = False,
+        generation_defaults: dict[str, Any] | None = None,
     ) -> None:
         self.llm = llm
         self.tokenizer = tokenizer
@@ -161,6 +178,8 @@ class VLLMEngine(TemplateEngine):
         self._sampling_params_cls = sampling_params_cls
         self.show_progress = show_progress
         self.stop_token_ids = stop_token_ids_for(tokenizer)
+        # The model's generation_config.json warpers, applied only to params with inherit=true.
+        self.generation_defaults = dict(generation_defaults or {})
 
     @classmethod
     def from_pretrained(
@@ -188,7 +207,7 @@ class VLLMEngine(TemplateEngine):
         log.info("vllm: model=%s tp=%d gpu_memory_utilization=%.2f max_model_len=%s dtype=%s", path,
                  tensor_parallel_size, gpu_memory_utilization, max_model_len, dtype)
         return cls(llm, tokenizer, enable_thinking=enable_thinking, max_model_len=max_model_len,
-                   sampling_params_cls=vllm.SamplingParams)
+                   sampling_params_cls=vllm.SamplingParams, generation_defaults=read_generation_defaults(path))
 
     @classmethod
     def from_config(cls, cfg: Any, policy: Any, batch_size: int = 32) -> VLLMEngine:
@@ -214,36 +233,46 @@ class VLLMEngine(TemplateEngine):
         params.validate()
         if not requests:
             return []
+        if params.inherit and not self.generation_defaults:
+            log.warning("vllm: sampling inherits the model's generation config, but none was found; "
+                        "top_k/top_p/repetition_penalty stay at the configured values")
         prompts = self.encode(requests)
-        self._check_lengths(prompts, params.max_new_tokens)
+        room = self._room(prompts)
         jobs = expand_jobs(len(requests), params)
+        # A prompt that leaves no room ends its own episode ("context"), never the batch or the stage.
+        runnable = [(request, seed) for request, seed in jobs if room[request] is None or room[request] >= 1]
         make_params = self._sampling_params_factory()
         outputs = self.llm.generate(
-            [{"prompt_token_ids": prompts[request]} for request, _ in jobs],
-            [make_params(**sampling_kwargs(params, self.stop_token_ids, seed)) for _, seed in jobs],
+            [{"prompt_token_ids": prompts[request]} for request, _ in runnable],
+            [make_params(**sampling_kwargs(params, self.stop_token_ids, seed, self.generation_defaults,
+                                           max_tokens=room[request])) for request, seed in runnable],
             use_tqdm=self.show_progress,
-        )
-        if len(outputs) != len(jobs):
-            raise RuntimeError(f"vLLM returned {len(outputs)} outputs for {len(jobs)} prompts")
+        ) if runnable else []
+        if len(outputs) != len(runnable):
+            raise RuntimeError(f"vLLM returned {len(outputs)} outputs for {len(runnable)} prompts")
 
         def decode(ids: list[int]) -> str:
             return self.tokenizer.decode(ids, skip_special_tokens=True)
 
         results: list[list[Generation]] = [[] for _ in requests]
-        for (request, _), output in zip(jobs, outputs):
-            completion = output.outputs[0]
+        produced = iter(outputs)
+        for request, _ in jobs:
+            if room[request] is not None and room[request] < 1:
+                results[request].append(context_limited(prompts[request]))
+                continue
+            completion = next(produced).outputs[0]
             results[request].append(to_generation(prompts[request], completion, self.stop_token_ids, decode))
+        limited = sum(1 for value in room if value is not None and value < 1)
+        if limited:
+            log.warning("vllm: %d of %d prompts fill the context of %s tokens; their episodes end there "
+                        "(finish_reason=context)", limited, len(prompts), self.max_model_len)
         return results
 
-    def _check_lengths(self, prompts: list[list[int]], max_new_tokens: int) -> None:
+    def _room(self, prompts: list[list[int]]) -> list[int | None]:
+        """Response tokens each prompt leaves in the context window (None: no window set)."""
         if self.max_model_len is None:
-            return
-        for index, prompt in enumerate(prompts):
-            if len(prompt) + 1 > self.max_model_len:
-                raise ValueError(
-                    f"request {index}: prompt of {len(prompt)} tokens leaves no room in the vLLM context "
-                    f"of {self.max_model_len} (mode.max_prompt_tokens + response {max_new_tokens}); raise "
-                    "mode.max_prompt_tokens or lower collect.max_turns")
+            return [None] * len(prompts)
+        return [self.max_model_len - len(prompt) for prompt in prompts]
 
     def _sampling_params_factory(self) -> Callable[..., Any]:
         if self._sampling_params_cls is None:
