@@ -69,33 +69,18 @@ def delta_heatmap_figure(aggregated: Mapping[tuple[int | None, str | None], floa
     infinite ones are blank and labelled ``inf``. ``note`` (e.g. the share of the squared change
     outside the layers) is written under the title.
     """
-    layer_cells = {(layer, module or "other"): value for (layer, module), value in aggregated.items()
-                   if layer is not None}
-    outside = sorted(((module, value) for (layer, module), value in aggregated.items() if layer is None),
-                     key=lambda item: list(OUTSIDE_LABELS).index(item[0]) if item[0] in OUTSIDE_LABELS
-                     else len(OUTSIDE_LABELS))
+    layer_cells, outside = _split_heatmap_cells(aggregated)
     if not layer_cells:
         raise ValueError(f"no per-layer cell to draw; the cells are {sorted(map(str, aggregated))}")
-    extra = sorted({module for _, module in layer_cells if module not in HEATMAP_MODULES})
-    modules = list(HEATMAP_MODULES) + extra
-    num_layers = 1 + max(layer for layer, _ in layer_cells)
-    grid = np.full((num_layers, len(modules)), np.nan)
-    for (layer, module), value in layer_cells.items():
-        grid[layer, modules.index(module)] = value
+    modules, grid = _heatmap_grid(layer_cells)
+    num_layers = grid.shape[0]
     side = np.array([[value] for _, value in outside]) if outside else np.zeros((0, 1))
     finite = np.ma.masked_invalid(grid)
     everything = np.ma.masked_invalid(np.concatenate([grid.ravel(), side.ravel()]))
     vmin, vmax = (float(everything.min()), float(everything.max())) if everything.count() else (0.0, 1.0)
 
     figure = Figure(figsize=(1.6 + 0.75 * (len(modules) + (4.0 if outside else 0)), 1.8 + 0.32 * num_layers))
-    color_axes = None
-    if outside:
-        # main | side panel | room for the side panel's labels | colour bar
-        grid_spec = figure.add_gridspec(1, 4, width_ratios=[len(modules), 1.0, 1.3, 0.3], wspace=0.15)
-        axes, side_axes = figure.add_subplot(grid_spec[0, 0]), figure.add_subplot(grid_spec[0, 1])
-        color_axes = figure.add_subplot(grid_spec[0, 3])
-    else:
-        axes, side_axes = figure.add_subplot(), None
+    axes, side_axes, color_axes = _heatmap_axes(figure, len(modules), bool(outside))
     image = axes.imshow(finite, origin="lower", aspect="auto", cmap="viridis", interpolation="nearest",
                         vmin=vmin, vmax=vmax)
     axes.set_xticks(range(len(modules)), [m.removesuffix("_proj") for m in modules], rotation=45)
@@ -105,32 +90,72 @@ def delta_heatmap_figure(aggregated: Mapping[tuple[int | None, str | None], floa
     axes.set_ylabel("layer")
     axes.set_title(title if note is None else f"{title}\n{note}", fontsize=9, loc="left")
     midpoint = (vmin + vmax) / 2
-
-    def annotate(target: Any, column: int, row: int, value: float) -> None:
-        color = "black" if math.isinf(value) or value > midpoint else "white"
-        target.text(column, row, "inf" if math.isinf(value) else f"{value:.2g}", ha="center", va="center",
-                    fontsize=7, color=color)
-
     if num_layers <= ANNOTATE_MAX_LAYERS:
         for layer in range(num_layers):
             for column in range(len(modules)):
                 if not math.isnan(grid[layer, column]):
-                    annotate(axes, column, layer, grid[layer, column])
+                    _annotate_cell(axes, column, layer, grid[layer, column], midpoint)
     if side_axes is not None:
-        side_axes.imshow(np.ma.masked_invalid(side), origin="lower", aspect="auto", cmap="viridis",
-                         interpolation="nearest", vmin=vmin, vmax=vmax)
-        side_axes.set_xticks([])
-        side_axes.set_yticks(range(len(outside)), [OUTSIDE_LABELS.get(module, str(module)) for module, _ in outside])
-        side_axes.yaxis.tick_right()
-        side_axes.set_xlabel("outside\nthe layers")
-        for row, (_, value) in enumerate(outside):
-            if not math.isnan(value):
-                annotate(side_axes, 0, row, value)
+        _draw_outside_panel(side_axes, side, outside, vmin, vmax)
     if color_axes is not None:
         figure.colorbar(image, cax=color_axes, label="||W1 - W0||_F / ||W0||_F")
     else:
         figure.colorbar(image, ax=axes, label="||W1 - W0||_F / ||W0||_F")
     return figure
+
+
+def _split_heatmap_cells(aggregated: Mapping[tuple[int | None, str | None], float],
+                         ) -> tuple[dict[tuple[int, str], float], list[tuple[str | None, float]]]:
+    """Per-layer cells keyed ``(layer, module)`` and the cells outside the layers, in side-panel order."""
+    layer_cells = {(layer, module or "other"): value for (layer, module), value in aggregated.items()
+                   if layer is not None}
+    outside = sorted(((module, value) for (layer, module), value in aggregated.items() if layer is None),
+                     key=lambda item: list(OUTSIDE_LABELS).index(item[0]) if item[0] in OUTSIDE_LABELS
+                     else len(OUTSIDE_LABELS))
+    return layer_cells, outside
+
+
+def _heatmap_grid(layer_cells: Mapping[tuple[int, str], float]) -> tuple[list[str], np.ndarray]:
+    """The module columns (the usual ones, then any others) and the layer x module grid, NaN where missing."""
+    extra = sorted({module for _, module in layer_cells if module not in HEATMAP_MODULES})
+    modules = list(HEATMAP_MODULES) + extra
+    num_layers = 1 + max(layer for layer, _ in layer_cells)
+    grid = np.full((num_layers, len(modules)), np.nan)
+    for (layer, module), value in layer_cells.items():
+        grid[layer, modules.index(module)] = value
+    return modules, grid
+
+
+def _heatmap_axes(figure: Figure, num_modules: int, with_side: bool) -> tuple[Any, Any, Any]:
+    """Main axes, side-panel axes and colour-bar axes (the last two None without a side panel)."""
+    if not with_side:
+        return figure.add_subplot(), None, None
+    # main | side panel | room for the side panel's labels | colour bar
+    grid_spec = figure.add_gridspec(1, 4, width_ratios=[num_modules, 1.0, 1.3, 0.3], wspace=0.15)
+    axes, side_axes = figure.add_subplot(grid_spec[0, 0]), figure.add_subplot(grid_spec[0, 1])
+    return axes, side_axes, figure.add_subplot(grid_spec[0, 3])
+
+
+def _annotate_cell(target: Any, column: int, row: int, value: float, midpoint: float) -> None:
+    """Write a cell's value (``inf`` for infinite) in a colour readable on the viridis scale."""
+    color = "black" if math.isinf(value) or value > midpoint else "white"
+    target.text(column, row, "inf" if math.isinf(value) else f"{value:.2g}", ha="center", va="center",
+                fontsize=7, color=color)
+
+
+def _draw_outside_panel(side_axes: Any, side: np.ndarray, outside: Sequence[tuple[str | None, float]],
+                        vmin: float, vmax: float) -> None:
+    """Draw the cells outside the layers (embeddings, final norm, lm_head) on the main colour scale."""
+    side_axes.imshow(np.ma.masked_invalid(side), origin="lower", aspect="auto", cmap="viridis",
+                     interpolation="nearest", vmin=vmin, vmax=vmax)
+    side_axes.set_xticks([])
+    side_axes.set_yticks(range(len(outside)), [OUTSIDE_LABELS.get(module, str(module)) for module, _ in outside])
+    side_axes.yaxis.tick_right()
+    side_axes.set_xlabel("outside\nthe layers")
+    midpoint = (vmin + vmax) / 2
+    for row, (_, value) in enumerate(outside):
+        if not math.isnan(value):
+            _annotate_cell(side_axes, 0, row, value, midpoint)
 
 
 def _steps(rows: Sequence[Mapping[str, Any]]) -> list[float]:

@@ -251,80 +251,107 @@ def build_table2(run_paths: Sequence[str | Path], paper: Sequence[PaperRow] | No
                        f"not run: python -m ftrl.run +experiment={p.experiment}") for p in paper]
     by_key = {r.key: r for r in rows}
     lost = list(unmatched)
-
-    def claim(key: str, run: Run, checkpoint: str) -> None:
-        row = by_key[key]
-        if row.filled:
-            lost.append((f"{run.path} [{checkpoint}]", f"row {row.label!r} is already filled by {row.source}"))
-            return
-        _fill(row, run, checkpoint)
-
     for path in run_paths:
-        run = load_run(path)
-        model, mode = run.cfg("model.name"), run.cfg("mode.name")
-        if not run.config:
-            lost.append((str(path), ("no .hydra/config.yaml (a dry run, or refused before it started): "
-                                    "cannot tell which row it is")))
-            continue
-        if model == "tiny":
-            _add_tiny_rows(rows, by_key, run, lost)
-            continue
-        if model == "api":
-            ident = _norm_api_id(str(run.cfg("model.path") or ""))
-            candidates = [p for p in paper if ident in p.api_ids() and p.mode == mode]
-            if not candidates:
-                lost.append((str(path), f"API model {run.cfg('model.path')!r} ({mode}) is not a Table 2 row"))
-                continue
-            model = candidates[0].model
-        base_row = base_of.get((model, mode))
-        if base_row is None:
-            lost.append((str(path), f"no Table 2 row for model {model} in mode {mode}"))
-            continue
-        if run.summary is None:
-            reason = "run unfinished: no summary.json yet"
-            targets = [base_row]
-            if "train" in (run.cfg("stages") or []):
-                targets += [p.row for p in paper if p.model == model and p.mode == mode
-                            and p.variant == run.cfg("algorithm.name")]
-            for key in targets:
-                if not by_key[key].filled:
-                    by_key[key].cells.update({c: Cell(reason=reason) for c, _, _ in COLUMNS})
-            lost.append((str(path), reason))
-            continue
-        evals = run.evals
-        if "base" in evals:
-            claim(base_row, run, "base")
-        stages = run.cfg("stages") or []
-        trains = "train" in stages or any(n.startswith("round") for n in evals)
-        if not trains:
-            continue
-        problems = []
-        algorithm = run.cfg("algorithm.name")
-        if algorithm not in TRAINED_VARIANTS:
-            problems.append(f"algorithm={algorithm} has no Table 2 row")
-        if run.cfg("freeze.name", "none") != "none":
-            problems.append(f"freeze={run.cfg('freeze.name')} is an ablation, not a Table 2 row")
-        if run.cfg("reward.name", "solve_f1") != "solve_f1":
-            problems.append(f"reward={run.cfg('reward.name')} is not the paper's reward")
-        if problems:
-            lost.append((f"{path} [trained checkpoints]", "; ".join(problems)))
-            continue
-        key = next((p.row for p in paper if p.model == model and p.mode == mode and p.variant == algorithm), None)
-        if key is None:
-            lost.append((str(path), f"no {TRAINED_VARIANTS[algorithm]} row for {model} ({mode})"))
-            continue
-        last, wanted = _last_round(run), run.cfg("train.rounds")
-        if last is None or (isinstance(wanted, int) and last != f"round{wanted}"):
-            reason = f"run unfinished: {last or 'no round'} evaluated of {wanted} rounds"
-            if not by_key[key].filled:
-                by_key[key].cells.update({c: Cell(reason=reason) for c, _, _ in COLUMNS})
-            lost.append((f"{path} [trained checkpoints]", reason))
-            continue
-        claim(key, run, last)
-
+        _place_run(path, load_run(path), paper, base_of, rows, by_key, lost)
     rows = _ordered(rows)
     _finish(rows)
     return Table2(rows, lost)
+
+
+def _claim(by_key: dict[str, TableRow], lost: list[tuple[str, str]], key: str, run: Run, checkpoint: str) -> None:
+    """Fill row ``key`` from ``run``'s ``checkpoint`` unless another run already filled it."""
+    row = by_key[key]
+    if row.filled:
+        lost.append((f"{run.path} [{checkpoint}]", f"row {row.label!r} is already filled by {row.source}"))
+        return
+    _fill(row, run, checkpoint)
+
+
+def _mark_unfilled(row: TableRow, reason: str) -> None:
+    """Give every cell of a still-empty row ``reason``."""
+    if not row.filled:
+        row.cells.update({c: Cell(reason=reason) for c, _, _ in COLUMNS})
+
+
+def _api_model(run: Run, paper: Sequence[PaperRow], mode: Any, path: str | Path,
+               lost: list[tuple[str, str]]) -> str | None:
+    """The Table 2 model an API run evaluates, or None (noted in ``lost``) when it is no row."""
+    ident = _norm_api_id(str(run.cfg("model.path") or ""))
+    candidates = [p for p in paper if ident in p.api_ids() and p.mode == mode]
+    if not candidates:
+        lost.append((str(path), f"API model {run.cfg('model.path')!r} ({mode}) is not a Table 2 row"))
+        return None
+    return candidates[0].model
+
+
+def _place_run(path: str | Path, run: Run, paper: Sequence[PaperRow], base_of: dict[tuple[str, str], str],
+               rows: list[TableRow], by_key: dict[str, TableRow], lost: list[tuple[str, str]]) -> None:
+    """Fill the rows one run belongs to, or say in ``lost`` why it fills none."""
+    model, mode = run.cfg("model.name"), run.cfg("mode.name")
+    if not run.config:
+        lost.append((str(path), ("no .hydra/config.yaml (a dry run, or refused before it started): "
+                                "cannot tell which row it is")))
+        return
+    if model == "tiny":
+        _add_tiny_rows(rows, by_key, run, lost)
+        return
+    if model == "api":
+        model = _api_model(run, paper, mode, path, lost)
+        if model is None:
+            return
+    base_row = base_of.get((model, mode))
+    if base_row is None:
+        lost.append((str(path), f"no Table 2 row for model {model} in mode {mode}"))
+        return
+    if run.summary is None:
+        reason = "run unfinished: no summary.json yet"
+        targets = [base_row]
+        if "train" in (run.cfg("stages") or []):
+            targets += [p.row for p in paper if p.model == model and p.mode == mode
+                        and p.variant == run.cfg("algorithm.name")]
+        for key in targets:
+            _mark_unfilled(by_key[key], reason)
+        lost.append((str(path), reason))
+        return
+    evals = run.evals
+    if "base" in evals:
+        _claim(by_key, lost, base_row, run, "base")
+    stages = run.cfg("stages") or []
+    if "train" in stages or any(n.startswith("round") for n in evals):
+        _place_trained(path, run, paper, model, mode, by_key, lost)
+
+
+def _training_problems(run: Run, algorithm: Any) -> list[str]:
+    """Why a trained run's checkpoints belong to no Table 2 row (empty when they do)."""
+    problems = []
+    if algorithm not in TRAINED_VARIANTS:
+        problems.append(f"algorithm={algorithm} has no Table 2 row")
+    if run.cfg("freeze.name", "none") != "none":
+        problems.append(f"freeze={run.cfg('freeze.name')} is an ablation, not a Table 2 row")
+    if run.cfg("reward.name", "solve_f1") != "solve_f1":
+        problems.append(f"reward={run.cfg('reward.name')} is not the paper's reward")
+    return problems
+
+
+def _place_trained(path: str | Path, run: Run, paper: Sequence[PaperRow], model: str, mode: Any,
+                   by_key: dict[str, TableRow], lost: list[tuple[str, str]]) -> None:
+    """Fill the trained-variant row from a run's last round, or say in ``lost`` why not."""
+    algorithm = run.cfg("algorithm.name")
+    problems = _training_problems(run, algorithm)
+    if problems:
+        lost.append((f"{path} [trained checkpoints]", "; ".join(problems)))
+        return
+    key = next((p.row for p in paper if p.model == model and p.mode == mode and p.variant == algorithm), None)
+    if key is None:
+        lost.append((str(path), f"no {TRAINED_VARIANTS[algorithm]} row for {model} ({mode})"))
+        return
+    last, wanted = _last_round(run), run.cfg("train.rounds")
+    if last is None or (isinstance(wanted, int) and last != f"round{wanted}"):
+        reason = f"run unfinished: {last or 'no round'} evaluated of {wanted} rounds"
+        _mark_unfilled(by_key[key], reason)
+        lost.append((f"{path} [trained checkpoints]", reason))
+        return
+    _claim(by_key, lost, key, run, last)
 
 
 def _add_tiny_rows(rows: list[TableRow], by_key: dict[str, TableRow], run: Run, lost: list[tuple[str, str]]) -> None:

@@ -183,6 +183,16 @@ def _default_executor(timeout: float) -> Executor:
     return StatefulExecutor(timeout=timeout)
 
 
+def _count_failures(report: GateReport, failures: Sequence[tuple[str, int, str, str, str]]) -> None:
+    """Counts per reason and the first MAX_EXAMPLES examples of each, into ``report``."""
+    counts: Counter[str] = Counter()
+    for _, _, where, reason, detail in failures:
+        counts[reason] += 1
+        if counts[reason] <= MAX_EXAMPLES:
+            report.examples.append({"where": where, "reason": reason, "detail": detail})
+    report.dropped = dict(sorted(counts.items()))
+
+
 def gate_records(
     splits: Mapping[str, Sequence[dict[str, Any]]],
     *,
@@ -228,12 +238,7 @@ def gate_records(
             if reason is not None:
                 failures.append((item.split, item.index, item.where, reason, detail))
     failures.sort(key=lambda f: (list(splits).index(f[0]), f[1]))
-    counts: Counter[str] = Counter()
-    for _, _, where, reason, detail in failures:
-        counts[reason] += 1
-        if counts[reason] <= MAX_EXAMPLES:
-            report.examples.append({"where": where, "reason": reason, "detail": detail})
-    report.dropped = dict(sorted(counts.items()))
+    _count_failures(report, failures)
     bad = {(split, index) for split, index, *_ in failures}
     kept = {split: [r for i, r in enumerate(records) if (split, i) not in bad] for split, records in splits.items()}
     report.kept = {split: len(records) for split, records in kept.items()}

@@ -151,21 +151,7 @@ class NativeTrainer:
             self.model.gradient_checkpointing_enable()
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
 
-        self.ref_model = None
-        if train.use_kl_loss and train.kl_loss_coef > 0:
-            # The reference is the round's starting policy, as in the paper's per-round verl runs.
-            self.ref_model, _ = load_model_and_tokenizer(str(policy), dtype=cfg.model.dtype,
-                                                         device=str(self.device),
-                                                         trust_remote_code=cfg.model.trust_remote_code)
-            self.ref_model.eval().requires_grad_(False)
-
-        self.critic = None
-        self.critic_optimizer = None
-        if cfg.algorithm.use_critic:
-            self.critic = build_critic(str(policy), cfg, self.device)
-            self.critic_optimizer = build_optimizer([p for p in self.critic.parameters() if p.requires_grad],
-                                                    cfg.algorithm.critic.lr, train.weight_decay)
-
+        self._build_reference_and_critic(str(policy))
         self.engine = HFEngine(self.model, self.tokenizer, enable_thinking=cfg.mode.enable_thinking,
                                batch_size=train.rollout_batch_size, device=self.device)
         self.snapshots = self._fit_prompts(snapshots)
@@ -183,6 +169,23 @@ class NativeTrainer:
         self.no_calls = NoCallWatch(round_k)
         self.monitor = HackingMonitor(train.monitor_window, train.monitor_calls_factor, train.monitor_precision_factor)
         self.monitor.replay(monitor_history)
+
+    def _build_reference_and_critic(self, policy: str) -> None:
+        """The KL reference (the round's starting policy, as in the paper's per-round verl runs) and PPO's critic."""
+        from ftrl.llm.models import load_model_and_tokenizer
+
+        cfg = self.cfg
+        self.ref_model = None
+        if cfg.train.use_kl_loss and cfg.train.kl_loss_coef > 0:
+            self.ref_model, _ = load_model_and_tokenizer(policy, dtype=cfg.model.dtype, device=str(self.device),
+                                                         trust_remote_code=cfg.model.trust_remote_code)
+            self.ref_model.eval().requires_grad_(False)
+        self.critic = None
+        self.critic_optimizer = None
+        if cfg.algorithm.use_critic:
+            self.critic = build_critic(policy, cfg, self.device)
+            self.critic_optimizer = build_optimizer([p for p in self.critic.parameters() if p.requires_grad],
+                                                    cfg.algorithm.critic.lr, cfg.train.weight_decay)
 
     # ---------------------------------------------------------------- data
     def _fit_prompts(self, snapshots: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:

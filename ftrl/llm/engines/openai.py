@@ -473,24 +473,22 @@ class OpenAIEngine(ChatEngine):
             choices = reply.get("choices") if isinstance(reply, Mapping) else None
             if not isinstance(choices, list) or not choices:
                 raise APIError(f"{self.base_url}/chat/completions: reply has no choices: {str(reply)[:300]}")
-            usage = reply.get("usage") if isinstance(reply.get("usage"), Mapping) else {}
-            prompt_tokens = int(usage.get("prompt_tokens") or 0)
-            completion_tokens = int(usage.get("completion_tokens") or 0)
-            cost = (
-                prompt_tokens * self.price_per_mtok_in + completion_tokens * self.price_per_mtok_out
-            ) / 1e6
-            for choice in choices[: n - len(completions)]:
-                message = to_reference_message(choice.get("message") or {})
-                completions.append(
-                    Completion(
-                        text=message_text(message),
-                        message=message,
-                        finish_reason=str(choice.get("finish_reason") or "stop"),
-                        prompt_tokens=prompt_tokens,
-                        completion_tokens=completion_tokens,
-                        cost_usd=cost,
-                    )
-                )
+            completions += self._completions(reply, choices[: n - len(completions)])
+        return completions
+
+    def _completions(self, reply: Mapping[str, Any], choices: Sequence[Mapping[str, Any]]) -> list[Completion]:
+        """One reply's choices as Completions, each carrying the reply's token counts and cost."""
+        usage = reply.get("usage") if isinstance(reply.get("usage"), Mapping) else {}
+        prompt_tokens = int(usage.get("prompt_tokens") or 0)
+        completion_tokens = int(usage.get("completion_tokens") or 0)
+        cost = (prompt_tokens * self.price_per_mtok_in + completion_tokens * self.price_per_mtok_out) / 1e6
+        completions = []
+        for choice in choices:
+            message = to_reference_message(choice.get("message") or {})
+            completions.append(Completion(text=message_text(message), message=message,
+                                          finish_reason=str(choice.get("finish_reason") or "stop"),
+                                          prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                                          cost_usd=cost))
         return completions
 
     def map_concurrently(self, function: Callable[[Any], Any], items: Sequence[Any]) -> list[Any]:
