@@ -4,7 +4,7 @@
 # Source this file inside a SLURM job (the batch script runs on the allocation's first node), then:
 #   ftrl_ray_start   # on >1 node: Ray head here, one Ray worker per other node (srun), wait for all,
 #                    # export RAY_ADDRESS so verl joins this cluster; on 1 node: nothing (verl starts
-#                    # its own local Ray)
+#                    # its own local Ray) unless FTRL_RAY_HEAD_NODE_WORKERS asks for workers there
 #   ftrl_ray_stop    # stop the workers and the head (safe to call twice, and when nothing started)
 # Used by launchers/ray_slurm.sbatch and by hydra/launcher=slurm (its setup/teardown lines).
 #
@@ -15,6 +15,10 @@
 #   FTRL_RAY_NUM_CPUS   CPUs per node given to Ray (default: SLURM_CPUS_PER_TASK, else all)
 #   FTRL_RAY_WAIT_S     seconds to wait for every node to join (300)
 #   FTRL_RAY_BIN        the ray executable (ray)
+#   FTRL_RAY_HEAD_ARGS  more arguments for the head's `ray start`, e.g. --include-dashboard=false
+#   FTRL_RAY_HEAD_NODE_WORKERS  extra Ray worker nodes on the head's own node (0), e.g. 1 to try the
+#                       multi-node path on one machine (each Ray node gets the CPUs/GPUs above, so set
+#                       FTRL_RAY_NUM_* to split the machine); with it a 1-node job starts a cluster too
 
 FTRL_RAY_WORKERS_PID=""
 FTRL_RAY_HEAD_STARTED=0
@@ -47,9 +51,10 @@ ftrl_ray_alive_nodes() {
 }
 
 ftrl_ray_start() {
-    local nodes
+    local nodes extra
     nodes="$(ftrl_ray_num_nodes)"
-    if (( nodes <= 1 )); then
+    extra="${FTRL_RAY_HEAD_NODE_WORKERS:-0}"
+    if (( nodes <= 1 && extra <= 0 )); then
         ftrl_ray_log "single node: no cluster to start (verl starts a local Ray instance)"
         return 0
     fi
@@ -59,24 +64,37 @@ ftrl_ray_start() {
     head_node="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"
     head_ip="${FTRL_RAY_HEAD_IP:-$(hostname --ip-address | awk '{print $1}')}"
     local address="${head_ip}:${port}"
+    local expected=$((nodes + extra))
     local -a resources
     mapfile -t resources < <(ftrl_ray_resource_flags)
 
     ftrl_ray_log "head on ${head_node} (${address}), ${nodes} nodes, ${resources[*]}"
-    "$ray" start --head --node-ip-address="$head_ip" --port="$port" --disable-usage-stats "${resources[@]}"
+    local -a head_args
+    read -r -a head_args <<<"${FTRL_RAY_HEAD_ARGS:-}"
+    "$ray" start --head --node-ip-address="$head_ip" --port="$port" --disable-usage-stats "${resources[@]}" \
+        "${head_args[@]}"
     FTRL_RAY_HEAD_STARTED=1
 
     # One worker per remaining node; --block keeps each srun task alive as long as its worker.
-    srun --overlap --nodes="$((nodes - 1))" --ntasks="$((nodes - 1))" --ntasks-per-node=1 \
-        --exclude="$head_node" "$ray" start --address="$address" --disable-usage-stats --block \
-        "${resources[@]}" &
-    FTRL_RAY_WORKERS_PID=$!
+    if (( nodes > 1 )); then
+        srun --overlap --nodes="$((nodes - 1))" --ntasks="$((nodes - 1))" --ntasks-per-node=1 \
+            --exclude="$head_node" "$ray" start --address="$address" --disable-usage-stats --block \
+            "${resources[@]}" &
+        FTRL_RAY_WORKERS_PID+=" $!"
+    fi
+    if (( extra > 0 )); then  # workers beside the head: same address, ports of their own
+        ftrl_ray_log "${extra} more Ray node(s) on ${head_node}"
+        srun --overlap --nodes=1 --ntasks="$extra" --ntasks-per-node="$extra" --nodelist="$head_node" \
+            "$ray" start --address="$address" --node-ip-address="$head_ip" --disable-usage-stats --block \
+            "${resources[@]}" &
+        FTRL_RAY_WORKERS_PID+=" $!"
+    fi
 
     local waited=0 alive=0 timeout="${FTRL_RAY_WAIT_S:-300}"
     while true; do
         alive="$(ftrl_ray_alive_nodes "$address")"
-        if (( alive >= nodes )); then
-            ftrl_ray_log "${alive}/${nodes} nodes joined after ${waited}s"
+        if (( alive >= expected )); then
+            ftrl_ray_log "${alive}/${expected} nodes joined after ${waited}s"
             export RAY_ADDRESS="$address"
             return 0
         fi
@@ -84,17 +102,18 @@ ftrl_ray_start() {
         sleep 5
         waited=$((waited + 5))
     done
-    ftrl_ray_log "only ${alive}/${nodes} nodes joined within ${timeout}s; stopping"
+    ftrl_ray_log "only ${alive}/${expected} nodes joined within ${timeout}s; stopping"
     ftrl_ray_stop
     return 1
 }
 
 ftrl_ray_stop() {
-    if [[ -n "$FTRL_RAY_WORKERS_PID" ]]; then
-        kill "$FTRL_RAY_WORKERS_PID" 2>/dev/null || true
-        wait "$FTRL_RAY_WORKERS_PID" 2>/dev/null || true
-        FTRL_RAY_WORKERS_PID=""
-    fi
+    local pid
+    for pid in $FTRL_RAY_WORKERS_PID; do  # the srun steps that hold the workers
+        kill "$pid" 2>/dev/null || true
+        wait "$pid" 2>/dev/null || true
+    done
+    FTRL_RAY_WORKERS_PID=""
     if (( FTRL_RAY_HEAD_STARTED )); then
         "${FTRL_RAY_BIN:-ray}" stop --force >/dev/null 2>&1 || true
         FTRL_RAY_HEAD_STARTED=0

@@ -108,6 +108,22 @@ def test_single_node_job_runs_without_a_ray_cluster(tmp_path: Path, stub_path: P
     assert out_file.read_text().strip() == "x" and calls == []
 
 
+def test_head_node_workers_start_a_cluster_even_on_one_node(tmp_path: Path, stub_path: Path) -> None:
+    out_file = tmp_path / "address.txt"
+    result, calls = _run_sbatch(tmp_path, stub_path, ["sh", "-c", f'echo "$RAY_ADDRESS" > {out_file}'],
+                                nodes=1, alive=2, FTRL_RAY_HEAD_NODE_WORKERS="1", FTRL_RAY_HEAD_IP="127.0.0.1",
+                                FTRL_RAY_HEAD_ARGS="--include-dashboard=false")
+    assert result.returncode == 0, result.stderr
+    assert out_file.read_text().strip() == "127.0.0.1:6379"
+    assert calls[1] == ("ray start --head --node-ip-address=127.0.0.1 --port=6379 --disable-usage-stats "
+                        "--num-gpus=8 --num-cpus=64 --include-dashboard=false")
+    sruns = [call for call in calls if call.startswith("srun ")]
+    assert sruns == [("srun --overlap --nodes=1 --ntasks=1 --ntasks-per-node=1 --nodelist=gpu-a ray start "
+                      "--address=127.0.0.1:6379 --node-ip-address=127.0.0.1 --disable-usage-stats --block "
+                      "--num-gpus=8 --num-cpus=64")]
+    assert "2/2 nodes joined" in result.stderr and calls[-1] == "ray stop --force"
+
+
 def test_sbatch_without_a_command_prints_usage(tmp_path: Path, stub_path: Path) -> None:
     result, _ = _run_sbatch(tmp_path, stub_path, [], nodes=2, alive=2)
     assert result.returncode == 2 and "usage:" in result.stderr
