@@ -385,7 +385,7 @@ def _check_inputs(run_dir: RunDir, recorded: dict[str, Any], current: dict[str, 
 
 
 # Keys that may change between a run and its resumption without changing what it computes.
-_VOLATILE_KEYS = {"stages", "dry_run", "rerun", "run_dir", "logger", "resources", "eval"}
+_VOLATILE_KEYS = {"stages", "dry_run", "rerun", "run_dir", "logger", "resources", "eval", "intervene"}
 
 
 # envs.name -> the one envs sub-section that source reads; the other sources' sections do not change a run.

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,11 +23,14 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from ftrl.errors import ConfigError, check_choice, check_positive, did_you_mean
-from ftrl.params import check_selectors
+from ftrl.params import check_selectors, expand_module_kinds, parse_layer_range
 
 log = logging.getLogger(__name__)
 
 STAGES: tuple[str, ...] = ("build_envs", "collect", "train", "eval", "analyze")
+# Stages a run does only when asked (stages=[...,intervene]); ALL_STAGES is the order every stage list follows.
+OPTIONAL_STAGES: tuple[str, ...] = ("intervene",)
+ALL_STAGES: tuple[str, ...] = STAGES + OPTIONAL_STAGES
 
 
 @dataclass
@@ -86,6 +90,26 @@ class ModeConfig:
     max_prompt_tokens: int = 16384
 
 
+@dataclass(frozen=True)
+class ScalingDefaults:
+    """The one default for complexity scaling (paper stage 4), shared by both environment builders.
+
+    Scaling is a standard stage, not an option: each environment draws functional generalisation,
+    parameter expansion and parameter-type generalisation with these probabilities, and always gets
+    ``min_distractors..max_distractors`` distractor tools, so no environment is left unscaled.
+    ``envs.procedural`` and ``envs.llm`` (and their YAML files) take their defaults from here.
+    """
+
+    functional_generalization: float = 0.5
+    parameter_expansion: float = 0.5
+    parameter_type_generalization: float = 0.5
+    min_distractors: int = 1
+    max_distractors: int = 2
+
+
+SCALING = ScalingDefaults()
+
+
 @dataclass
 class ProceduralConfig:
     """Offline environment generator knobs (docs/reference.md §1: the four complexity-scaling strategies)."""
@@ -100,12 +124,12 @@ class ProceduralConfig:
     max_hops: int = 3
     max_parallel: int = 2
     # Complexity scaling: probability (0-1) that each strategy is applied to an environment ...
-    functional_generalization: float = 0.0
-    parameter_expansion: float = 0.0
-    parameter_type_generalization: float = 0.0
+    functional_generalization: float = SCALING.functional_generalization
+    parameter_expansion: float = SCALING.parameter_expansion
+    parameter_type_generalization: float = SCALING.parameter_type_generalization
     # ... and how many distractor tools are added (a range).
-    min_distractors: int = 0
-    max_distractors: int = 0
+    min_distractors: int = SCALING.min_distractors
+    max_distractors: int = SCALING.max_distractors
     # Draw ids and answers from a fixed pool of this many values per kind, shared by train and test
     # (a small world vocabulary); null: fresh random values everywhere.
     id_pool_size: int | None = 16
@@ -117,14 +141,38 @@ class FilesConfig:
     test: str | None = None
 
 
+SEED_SOURCE_KINDS: tuple[str, ...] = ("jsonl", "datasets")
+
+
+@dataclass
+class SeedSourceConfig:
+    """A QA dataset with gold answers as the builder's seeds (``envs.llm.seed_source``; off while ``kind`` is null).
+
+    ``jsonl``: a local JSON-lines file. ``datasets``: anything ``datasets.load_dataset`` reads: a local
+    data file (.parquet/.jsonl/.json/.csv), a local dataset directory (``save_to_disk`` ones too), or a
+    hub id where the machine has network. Field names may be dotted paths into nested rows
+    (``answers.text``); a list value gives its first element. Each row's answer is the environment's
+    gold final answer.
+    """
+
+    kind: str | None = None  # null (no seed source) | jsonl | datasets
+    path: str | None = None
+    name: str | None = None  # datasets: the dataset's configuration name, if it has several
+    split: str = "train"  # datasets: the split to read (ignored for jsonl)
+    question_field: str = "question"
+    answer_field: str = "answer"
+    id_field: str | None = "id"  # null or missing in a row: an id hashed from the question
+
+
 @dataclass
 class LLMBuildConfig:
     """The LLM environment builder (``envs=llm``, ``ftrl.builder``): endpoint, seeds, knobs, gates.
 
     The builder model is independent of the policy (``model``): any OpenAI-compatible endpoint, a
     hosted API or a local ``vllm serve``. Seeds come from ``seed_file`` (JSONL, one ``{"question"}``
-    per line) and/or are generated from ``topics``. The scaling knobs mean what they mean for
-    ``envs.procedural``: a probability per environment, and a range of distractor tools.
+    per line), ``seed_source`` (a QA dataset with gold answers) and/or are generated from ``topics``.
+    The scaling knobs mean what they mean for ``envs.procedural``: a probability per environment, and
+    a range of distractor tools (defaults: ``SCALING``, every environment scaled).
     """
 
     model: str = "gpt-4o-mini"
@@ -137,6 +185,7 @@ class LLMBuildConfig:
     seed: int = 0  # knob draws and the train/test assignment of seeds without a split
     # Seeds: a JSONL of questions (optional "id", "split", "scenario" per line), and/or topics.
     seed_file: str | None = None
+    seed_source: SeedSourceConfig = field(default_factory=SeedSourceConfig)
     topics: list[str] = field(default_factory=list)
     tasks_per_topic: int = 8
     scenario_weights: dict[str, float] = field(
@@ -146,11 +195,11 @@ class LLMBuildConfig:
     test_fraction: float = 0.2
     max_tasks: int | None = None
     # Complexity scaling (probability per environment, and a range of distractor tools).
-    functional_generalization: float = 0.3
-    parameter_expansion: float = 0.3
-    parameter_type_generalization: float = 0.3
-    min_distractors: int = 0
-    max_distractors: int = 2
+    functional_generalization: float = SCALING.functional_generalization
+    parameter_expansion: float = SCALING.parameter_expansion
+    parameter_type_generalization: float = SCALING.parameter_type_generalization
+    min_distractors: int = SCALING.min_distractors
+    max_distractors: int = SCALING.max_distractors
     # Structured outputs: repair requests after a malformed/invalid reply (0 = fail at once).
     max_repairs: int = 2
     # Gates.
@@ -276,6 +325,35 @@ class TrainConfig:
     monitor_calls_factor: float = 1.75
     monitor_precision_factor: float = 0.6
     gradient_checkpointing: bool = False
+    # PPO's critic at this model scale (null: algorithm.critic's paper value). A fresh value head on a tiny
+    # model needs a larger lr, a few critic-only steps and several critic passes per step to explain anything
+    # within 12 steps a round (see critic_settings).
+    critic_lr: float | None = None
+    critic_warmup_steps: int | None = None
+    critic_epochs: int = 1  # critic updates per step (verl critic.ppo_epochs)
+    # The value head's start: random (transformers' init, verl's) | zero (V = 0: the first advantages are the
+    # whitened returns, no head noise on top)
+    critic_head_init: str = "random"
+
+
+@dataclass(frozen=True)
+class CriticSettings:
+    """The critic's effective optimisation settings: the train config's scale overrides, else the algorithm's."""
+
+    lr: float
+    warmup_steps: int
+    epochs: int
+    head_init: str
+
+
+def critic_settings(algorithm: AlgorithmConfig, train: TrainConfig) -> CriticSettings:
+    """``train.critic_*`` where set (per model scale, like ``train.lr``), else ``algorithm.critic.*``."""
+    return CriticSettings(
+        lr=algorithm.critic.lr if train.critic_lr is None else train.critic_lr,
+        warmup_steps=algorithm.critic.warmup_steps if train.critic_warmup_steps is None else train.critic_warmup_steps,
+        epochs=train.critic_epochs,
+        head_init=train.critic_head_init,
+    )
 
 
 @dataclass
@@ -517,6 +595,123 @@ class AnalysisConfig:
     target: str | None = None
 
 
+# ------------------------------------------------------------------------------------ interventions
+INTERVENTION_KINDS: tuple[str, ...] = ("revert", "transplant")
+SELECTOR_KEYS: tuple[str, ...] = ("layers", "modules", "regex")
+SELECTOR_FORMS = ("'all', a freeze policy name (conf/freeze/<name>.yaml: its layers x modules x regex), or "
+                  "'layers=<range> modules=[<kind>,...] regex=<pattern>' (any of the three)")
+FREEZE_POLICY_DIR = Path(__file__).resolve().parent.parent / "conf" / "freeze"
+
+
+@dataclass(frozen=True)
+class SelectorSpec:
+    """A parameter selection in the freeze policies' grammar (``ftrl.params``): layers x module kinds x regex.
+
+    ``text`` is the selector as written; all three parts None/empty (``all``) select every tensor.
+    """
+
+    text: str
+    layers: str | None = None
+    modules: tuple[str, ...] = ()
+    regex: str | None = None
+
+    @property
+    def selects_all(self) -> bool:
+        return self.layers is None and not self.modules and self.regex is None
+
+
+def parse_selector(text: str, key: str = "selector") -> SelectorSpec:
+    """Read ``all``, a freeze policy name, or ``layers=0:3 modules=[mlp] regex=...``; errors name ``key``.
+
+    Only the syntax is checked here (the model's depth is checked when a checkpoint is at hand).
+    """
+    text = str(text).strip()
+    if text in ("all", "*"):
+        return SelectorSpec(text)
+    if "=" not in text:
+        return _policy_selector(text, key)
+    fields: dict[str, str] = {}
+    for token in re.split(r"\s+(?=(?:layers|modules|regex)=)", text):
+        name, _, value = token.partition("=")
+        if name.strip() not in SELECTOR_KEYS or name.strip() in fields:
+            problem = "repeats" if name.strip() in fields else f"has an unknown part '{token}'"
+            raise ConfigError(f"{key}: selector '{text}' {problem}; forms: {SELECTOR_FORMS}")
+        fields[name.strip()] = value.strip()
+    modules = tuple(m.strip().strip("'\"") for m in fields.get("modules", "").strip("[]").split(",") if m.strip())
+    spec = SelectorSpec(text, fields.get("layers") or None, modules, fields.get("regex") or None)
+    if spec.selects_all:
+        raise ConfigError(f"{key}: selector '{text}' sets no layers, modules or regex; write 'all' to select "
+                          f"every tensor")
+    expand_module_kinds(spec.modules, key)
+    if spec.layers is not None:
+        check_layer_range_syntax(spec.layers, key)
+    if spec.regex is not None:
+        try:
+            re.compile(spec.regex)
+        except re.error as error:
+            raise ConfigError(f"{key}: invalid regular expression {spec.regex!r}: {error}") from None
+    return spec
+
+
+def check_layer_range_syntax(spec: str, key: str) -> None:
+    """Check a layer range without the model's depth (against a deep stand-in, which the message never names)."""
+    depth = 1 << 16
+    try:
+        parse_layer_range(spec, depth, key)
+    except ConfigError as error:
+        message = str(error).split("; the model has")[0].replace(f"<= {depth}", "<= depth")
+        raise ConfigError(message) from None
+
+
+def _policy_selector(name: str, key: str) -> SelectorSpec:
+    """The selection (layers x modules x regex, not the action) of freeze policy ``name``."""
+    policies = sorted(p.stem for p in FREEZE_POLICY_DIR.glob("*.yaml"))
+    if name not in policies:
+        raise ConfigError(f"{key}: {name!r} is no freeze policy; forms: {SELECTOR_FORMS}; policies: {policies}"
+                          f"{did_you_mean(name, policies)}")
+    policy = OmegaConf.to_container(OmegaConf.load(FREEZE_POLICY_DIR / f"{name}.yaml"))
+    assert isinstance(policy, dict)
+    spec = SelectorSpec(name, policy.get("layers"), tuple(policy.get("modules") or ()), policy.get("regex"))
+    if spec.selects_all:
+        raise ConfigError(f"{key}: freeze policy '{name}' selects no parameter group (it trains everything); "
+                          f"write 'all' to select every tensor")
+    return spec
+
+
+def parse_intervention(text: str, key: str = "intervention") -> tuple[str, SelectorSpec]:
+    """``revert:<selector>`` or ``transplant:<selector>`` -> (kind, selector)."""
+    kind, sep, selector = str(text).partition(":")
+    if not sep:
+        raise ConfigError(f"{key}: '{text}' is not '<kind>:<selector>' with kind in {list(INTERVENTION_KINDS)}")
+    check_choice(key, kind.strip(), INTERVENTION_KINDS)
+    return kind.strip(), parse_selector(selector, key)
+
+
+@dataclass
+class InterveneConfig:
+    """The ``intervene`` stage (``ftrl.analysis.intervene``): from a base B and a trained T, build
+    ``revert:<selector>`` (T with the selection set back to B) and ``transplant:<selector>`` (B with only
+    the selection taken from T), plus a per-layer scan of transplants, and evaluate each on ``eval.benchmarks``."""
+
+    base: str | None = None    # B: a checkpoint of this run (base, warmup, round<k>) or a path; null: warmup, else base
+    target: str | None = None  # T: a checkpoint of this run or a path; null: the last round
+    interventions: list[str] = field(default_factory=lambda: [
+        "revert:paper_lower_mlp_only", "transplant:paper_lower_mlp_only", "revert:lower_mlp_only",
+        "transplant:lower_mlp_only", "transplant:mlp_only", "transplant:attn_only"])
+    scan: list[str] = field(default_factory=lambda: ["mlp", "attn"])  # per layer i: transplant:layers=i modules=[m]
+    scan_layers: str | None = None  # layer range of the scan; null: every layer
+    metric: str | None = None  # the metric of the plot and the summary lines; null: the first benchmark's headline
+    keep: bool = False  # keep the intervened models (intervene/models/) after their evaluation
+
+    def check(self) -> None:
+        for index, text in enumerate(self.interventions):
+            parse_intervention(text, f"intervene.interventions[{index}]")
+        for index, module in enumerate(self.scan):
+            expand_module_kinds([module], f"intervene.scan[{index}]")
+        if self.scan_layers is not None:
+            check_layer_range_syntax(self.scan_layers, "intervene.scan_layers")
+
+
 @dataclass
 class RunConfig:
     name: str = "default"
@@ -541,6 +736,7 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
+    intervene: InterveneConfig = field(default_factory=InterveneConfig)
 
     # ------------------------------------------------------------------ validation
     def validate(self) -> RunConfig:
@@ -554,6 +750,7 @@ class RunConfig:
         check_selectors(self.freeze, self.peft, num_layers=self.known_num_layers())
         _check_backend_and_resources(self)
         _check_eval_and_logger(self)
+        self.intervene.check()
         return self
 
     def known_num_layers(self) -> int | None:
@@ -580,12 +777,12 @@ class RunConfig:
         return min(self.mode.max_response_tokens, self.model.max_new_tokens)
 
 
-RERUNNABLE_STAGES: tuple[str, ...] = ("eval", "analyze")
+RERUNNABLE_STAGES: tuple[str, ...] = ("eval", "analyze", "intervene")
 
 
 def _check_rerun(rerun: list[str]) -> None:
     for index, stage in enumerate(rerun):
-        if stage in STAGES and stage not in RERUNNABLE_STAGES:
+        if stage in ALL_STAGES and stage not in RERUNNABLE_STAGES:
             raise ConfigError(f"rerun[{index}]: '{stage}' cannot be re-run in place: later stages were built on "
                               f"its outputs. Start a new run for that (name=<new name> or hydra.run.dir=<path>); "
                               f"rerun takes {list(RERUNNABLE_STAGES)}")
@@ -594,11 +791,11 @@ def _check_rerun(rerun: list[str]) -> None:
 
 def _check_stages(stages: list[str]) -> None:
     for index, stage in enumerate(stages):
-        check_choice(f"stages[{index}]", stage, STAGES)
+        check_choice(f"stages[{index}]", stage, ALL_STAGES)
     if len(set(stages)) != len(stages):
         raise ConfigError(f"stages: listed twice in {stages}")
-    if [s for s in STAGES if s in stages] != list(stages):
-        raise ConfigError(f"stages: must follow the pipeline order {list(STAGES)}, got {stages}")
+    if [s for s in ALL_STAGES if s in stages] != list(stages):
+        raise ConfigError(f"stages: must follow the pipeline order {list(ALL_STAGES)}, got {stages}")
 
 
 def _check_model(run: RunConfig) -> None:
@@ -682,6 +879,12 @@ def _check_algorithm_and_train(run: RunConfig) -> None:
     check_positive("train.n", train.n)
     check_positive("train.rollout_batch_size", train.rollout_batch_size)
     check_positive("train.monitor_window", train.monitor_window)
+    check_positive("train.critic_epochs", train.critic_epochs)
+    check_choice("train.critic_head_init", train.critic_head_init, ("random", "zero"))
+    if train.critic_lr is not None:
+        check_positive("train.critic_lr", train.critic_lr)
+    if train.critic_warmup_steps is not None and train.critic_warmup_steps < 0:
+        raise ConfigError(f"train.critic_warmup_steps: must be >= 0 or null, got {train.critic_warmup_steps}")
     if not train.monitor_calls_factor > 1.0 or not 0.0 < train.monitor_precision_factor < 1.0:
         raise ConfigError(f"train.monitor_calls_factor must be > 1 and train.monitor_precision_factor in (0, 1), got "
                           f"{train.monitor_calls_factor}, {train.monitor_precision_factor}")
@@ -775,6 +978,25 @@ def _validate_llm_build(llm: LLMBuildConfig) -> None:
     stages = ("seed", "decompose", "document", "integrate", "scale", "deploy", "repair")
     for stage in llm.prompts:
         check_choice(f"{key}.prompts", stage, stages)
+    _validate_seed_source(llm.seed_source)
+
+
+def _validate_seed_source(source: SeedSourceConfig) -> None:
+    key = "envs.llm.seed_source"
+    if source.kind is None:
+        if source.path:
+            raise ConfigError(f"{key}.kind: null, but {key}.path is set; set kind to one of {list(SEED_SOURCE_KINDS)}")
+        return
+    check_choice(f"{key}.kind", source.kind, SEED_SOURCE_KINDS)
+    if not source.path:
+        raise ConfigError(f"{key}.path: required with {key}.kind={source.kind} (a file, a directory or a dataset id)")
+    for name in ("question_field", "answer_field", "id_field", "split"):
+        value = getattr(source, name)
+        if value is not None and not str(value).strip():
+            raise ConfigError(f"{key}.{name}: must be a non-empty field name, got {value!r}")
+    if source.question_field == source.answer_field:
+        raise ConfigError(f"{key}.question_field/answer_field: both are {source.question_field!r}; "
+                          "the question and the gold answer must be different fields")
 
 
 def load_run_config(cfg: DictConfig | dict) -> RunConfig:

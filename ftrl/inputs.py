@@ -60,6 +60,12 @@ def run_inputs(cfg: RunConfig) -> list[Input]:
     elif envs.name == "llm":
         if envs.llm.seed_file:
             found.append(Input("envs.llm.seed_file", envs.llm.seed_file, "build_envs"))
+        source = envs.llm.seed_source
+        if source.kind == "jsonl" and source.path:
+            found.append(Input("envs.llm.seed_source.path", source.path, "build_envs"))
+        elif source.kind == "datasets" and source.path and _looks_local(source.path):
+            kind = "dir" if Path(source.path).suffix == "" else "file"
+            found.append(Input("envs.llm.seed_source.path", source.path, "build_envs", kind=kind))
         if envs.llm.prompts_dir:
             found.append(Input("envs.llm.prompts_dir", envs.llm.prompts_dir, "build_envs", kind="dir"))
         found += [Input(f"envs.llm.prompts.{stage}", path, "build_envs") for stage, path in envs.llm.prompts.items()]

@@ -1,4 +1,5 @@
-"""Ordered stages with skip-if-done markers: build_envs -> [warmup] -> (collect -> train) x rounds -> eval -> analyze.
+"""Ordered stages with skip-if-done markers: build_envs -> [warmup] -> (collect -> train) x rounds -> eval -> analyze
+[-> intervene, when asked for].
 
 Each step writes its outputs under the run directory (``ftrl.artifacts.RunDir``) and then a marker
 ``stages/<step>.json``; a step with a marker is skipped, so re-running the same command after a crash
@@ -42,6 +43,9 @@ def build_steps(ctx: RunContext) -> list[Step]:
         steps.append(Step("eval", "eval", S.evaluate, "evaluate checkpoints", recheck=True))
     if "analyze" in stages:
         steps.append(Step("analyze", "analyze", S.analyze, "parameter-change analysis"))
+    if "intervene" in stages:
+        steps.append(Step("intervene", "intervene", S.intervene, "revert / transplant parameter selections, evaluate",
+                          recheck=True))
     return steps
 
 

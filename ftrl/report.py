@@ -65,6 +65,24 @@ def results_table(evals: Sequence[Mapping[str, Any]]) -> str:
     return format_table(header, rows)
 
 
+def interventions_table(summary: Mapping[str, Any]) -> str:
+    """One line per intervention of the ``intervene`` stage: parameters moved, the metric x100, gain kept."""
+    head = summary.get("intervene") or {}
+    metric = head.get("metric", "?")
+    moved = head.get("base_value") != head.get("trained_value")  # else gain kept is undefined (T scores as B)
+    rows = [[f"B ({head.get('base')})", "-", "-", _pct(head.get("base_value")), "0.00" if moved else "-"],
+            [f"T ({head.get('target')})", "100.0", "100.0", _pct(head.get("trained_value")), "1.00" if moved else "-"]]
+    for line in summary["interventions"]:
+        ok = str(line.get("status", "")).startswith("ok")
+        gain = line.get("gain_kept")
+        rows.append([line["intervention"], _pct(line.get("params_share")) if ok else "-",
+                     _pct(line.get("delta_share")) if ok else "-",
+                     _pct(line.get("value")) if ok else "skipped", "-" if gain is None else f"{gain:.2f}"])
+    title = (f"Interventions ({head.get('csv', 'intervene/interventions.csv')}), {metric} x100; gain kept = "
+             f"(value - B) / (T - B):")
+    return title + "\n" + format_table(["model", "% params", "% sq. change", metric, "gain kept"], rows)
+
+
 def _pct(value: float | None) -> str:
     return "-" if value is None else f"{100 * value:.1f}"
 
@@ -99,6 +117,8 @@ def print_results(summary: Mapping[str, Any]) -> None:
     parts = []
     if evals:
         parts.append("\nOwn test set (ftrl_test), x100:\n" + results_table(evals))
+    if summary.get("interventions"):
+        parts.append("\n" + interventions_table(summary))
     note = smoke_note(summary.get("run_dir"))
     if note:
         parts.append("\n" + note)
@@ -140,11 +160,19 @@ def table2_terminal(table: Table2) -> str:
 
 
 def sweep_report(sweep_dir: str | Path) -> Path:
-    """Write ``sweep_table.md``/``.csv`` into ``sweep_dir``, print the table and its path."""
+    """Write ``sweep_table.md``/``.csv`` and the arm comparison (``comparison/``) into ``sweep_dir``; print
+    both tables and their paths."""
+    from ftrl.analysis.sweep_report import sweep_comparison, write_sweep_comparison
+
     header, body = sweep_table(sweep_dir)
     path = write_sweep_table(sweep_dir)
     print(format_table(header, body) if body else f"{sweep_dir}: no job directories")
     print(f"sweep table: {path}")
+    comparison_path = write_sweep_comparison(sweep_dir)
+    arm_header, arm_body = sweep_comparison(sweep_dir).arm_rows()
+    if arm_body:
+        print(format_table(arm_header, arm_body))
+    print(f"sweep comparison: {comparison_path}")
     return path
 
 

@@ -12,7 +12,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from ftrl.artifacts import read_json, write_json
+from ftrl.artifacts import RunDir, read_json, write_json
 from ftrl.config import RunConfig
 from ftrl.errors import ConfigError, MissingInputError
 from ftrl.llm.tiny import ensure_base_model
@@ -309,6 +309,26 @@ def analyze(ctx: RunContext) -> dict[str, Any]:
     from ftrl.analysis.param_delta import analyze_run
 
     return analyze_run(ctx)
+
+
+# ------------------------------------------------------------------------------------ intervene
+def evaluate_policy(ctx: RunContext, run_dir: RunDir, name: str, policy: Path | str) -> dict[str, float]:
+    """``eval.benchmarks`` on ``policy`` under the label ``name``; records go under ``run_dir.eval_dir``."""
+    view = RunContext(cfg=ctx.cfg, run_dir=run_dir, tracker=None, cache=ctx.cache)
+    engine = engine_for(view, policy, batch_size=ctx.cfg.eval.batch_size)
+    metrics: dict[str, float] = {}
+    for benchmark in ctx.cfg.eval.benchmarks:
+        metrics.update(BENCHMARKS.get(benchmark)(view, engine, name))
+    return metrics
+
+
+def intervene(ctx: RunContext) -> dict[str, Any]:
+    """Revert / transplant parameter selections between B and T and evaluate each (ftrl.analysis.intervene)."""
+    from ftrl.analysis.intervene.stage import run_interventions
+
+    release_engine(ctx)
+    return run_interventions(ctx, evaluate=lambda run_dir, name, policy: evaluate_policy(ctx, run_dir, name, policy),
+                             release=lambda: release_engine(ctx), settings=eval_settings(ctx.cfg))
 
 
 # ------------------------------------------------------------------------------------ dry run

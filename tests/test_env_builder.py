@@ -1,19 +1,29 @@
 """The LLM environment builder end to end against a local OpenAI-compatible server (real HTTP).
 
 The server (tests/builder_stub.py) answers every stage from recorded replies
-(tests/fixtures/env_builder/replies.json) for seven seed tasks (fixtures/env_builder/seeds.jsonl):
+(tests/fixtures/env_builder/replies.json) for nine seed tasks (fixtures/env_builder/seeds.jsonl). The
+build runs with the builder's default knobs (complexity scaling on: ftrl.config.SCALING, seed 0), and
+the replies were recorded for the strategies those knobs draw per task (FG functional generalisation,
+PE parameter expansion, PTG parameter-type generalisation, D distractors):
 
-====  ====================  ==============================================  ===============================
-task  scenario              what the recorded replies do                    expected
-====  ====================  ==============================================  ===============================
-t1    Single-Hop            decomposition fenced, with a trailing comma     kept (repaired locally)
-t2    Multi-Hop             first decomposition is prose (no JSON)          kept (after a repair request)
-t3    Parallel Single-Hop   two per-city tools merged into one (2 -> 1)     kept (test split)
-t4    Single-Hop            the deployed tool raises on its gold call       gate: gold_call_error
-t5    -                     near-duplicate of t1                            dedup: duplicate_question
-t6    Single-Hop            decomposition invalid three times               decompose: schema_violation
-t7    Single-Hop            the distractor tool returns the answer          gate: distractor_returns_answer
-====  ====================  ==============================================  ===============================
+====  ====================  ============  ====================================  ===============================
+task  scenario              drawn         what the recorded replies do          expected
+====  ====================  ============  ====================================  ===============================
+t1    Single-Hop            FG PTG D2     decomposition fenced with a trailing  kept (repaired locally; scale
+                                          comma; the first scale reply has no   after a repair request)
+                                          selector parameter
+t2    Multi-Hop             D2            first decomposition is prose          kept (after a repair request)
+t3    Parallel Single-Hop   PE PTG D2     two per-city tools merged (2 -> 1)    kept (test split)
+t4    Single-Hop            FG D2         the deployed tool raises on its gold  gate: gold_call_error
+                                          call
+t5    -                     -             near-duplicate of t1                  dedup: duplicate_question
+t6    Single-Hop            -             decomposition invalid three times     decompose: schema_violation
+t7    Single-Hop            FG PE PTG D2  a distractor returns the answer       gate: distractor_returns_answer
+t8    Single-Hop            PE D2         the new optional parameter never      scale: scaling_not_applied
+                                          gets a default (three replies)
+t9    Single-Hop            PTG D2        the integer city id (an LLM-given     gate: scaled_call_wrong_answer
+                                          alternative) returns another city
+====  ====================  ============  ====================================  ===============================
 
     OMP_NUM_THREADS=1 python -m pytest tests/test_env_builder.py -q
 """
@@ -30,12 +40,24 @@ from builder_stub import SEEDS, BuilderServer, load_fixtures
 
 from ftrl.builder import build_env_set
 from ftrl.builder.builder import main as build_main
+from ftrl.builder.gate import gate_envs
 from ftrl.builder.llm import LazyEngine, Ledger, LLMCache, StageError, StructuredLLM
 from ftrl.builder.prompts import PROMPT_DIR, load_prompts
-from ftrl.builder.records import GoldCall, Scenario, SeedTask, SubQuestion, ToolSet
+from ftrl.builder.records import (
+    Deployed,
+    Documented,
+    GoldCall,
+    Probe,
+    Scenario,
+    SeedTask,
+    SubQuestion,
+    ToolSet,
+    tool_name,
+)
+from ftrl.builder.scaling import ScaleCheck
 from ftrl.builder.schema import check_tool_schema, classify_structure, parse_llm_json, validate
-from ftrl.builder.stages import Knobs, StageContext, check_source, scale
-from ftrl.config import ConfigError, LLMBuildConfig, ProceduralConfig, RunConfig
+from ftrl.builder.stages import Knobs, StageContext, check_source, document, integrate, scale
+from ftrl.config import SCALING, ConfigError, LLMBuildConfig, ProceduralConfig, RunConfig
 from ftrl.envs.executor import StatefulExecutor
 from ftrl.envs.io import read_records, validate_record
 from ftrl.envs.procedural import generate_envs
@@ -47,22 +69,17 @@ KEPT = {
     "train": ["What is the weather in Paris today?", "What is the population of the capital of France?"],
     "test": ["How many people live in Oslo and in Lima?"],
 }
-REQUESTS_FIRST_BUILD = 26  # t1 4, t2 6 (one repair), t3 5, t4 4, t6 3 (two repairs), t7 4; t5 none
+# t1 5 (a scale repair), t2 6 (a decompose repair), t3 5, t4 4, t6 3 (two repairs), t7 4, t8 5 (two scale
+# repairs), t9 4; t5 none
+REQUESTS_FIRST_BUILD = 36
 
 
 def _config(server: BuilderServer, **overrides: Any) -> LLMBuildConfig:
     settings = {
         "model": "stub-builder",
         "seed_file": str(SEEDS),
-        "min_distractors": 1,
-        "max_distractors": 1,
         "backoff_base_s": 0.0,
-        # The recorded stub replies were written for these knobs (no scaling, four tasks a topic),
-        # not for the builder's defaults (scaling 0.3, eight tasks a topic).
-        "functional_generalization": 0.0,
-        "parameter_expansion": 0.0,
-        "parameter_type_generalization": 0.0,
-        "tasks_per_topic": 4,
+        # Everything else, the complexity-scaling knobs included, is the builder's default.
         **overrides,
     }
     cfg = LLMBuildConfig(**settings)
@@ -89,7 +106,9 @@ def built(tmp_path_factory) -> dict[str, Any]:
         run_config.validate()
         records = llm(run_config)
         stages = list(server.stages)
-    return {"records": records, "sets_dir": sets_dir, "stages": stages, "run_config": run_config}
+        requests = list(server.requests)
+    return {"records": records, "sets_dir": sets_dir, "stages": stages, "run_config": run_config,
+            "requests": requests}
 
 
 # ------------------------------------------------------------------------------------ acceptance
@@ -101,18 +120,19 @@ def test_the_pipeline_keeps_exactly_the_good_envs_and_reports_why(built) -> None
     report = env_set.report()
     flow = {s["stage"]: (s["entered"], s["passed"], s["failed"]) for s in report["stages"]}
     assert flow == {
-        "dedup": (7, 6, {"duplicate_question": 1}),
-        "decompose": (6, 5, {"schema_violation": 1}),
-        "document": (5, 5, {}),
-        "integrate": (5, 5, {}),
-        "scale": (5, 5, {}),
-        "deploy": (5, 5, {}),
-        "gate": (5, 3, {"distractor_returns_answer": 1, "gold_call_error": 1}),
+        "dedup": (9, 8, {"duplicate_question": 1}),
+        "decompose": (8, 7, {"schema_violation": 1}),
+        "document": (7, 7, {}),
+        "integrate": (7, 7, {}),
+        "scale": (7, 6, {"scaling_not_applied": 1}),
+        "deploy": (6, 6, {}),
+        "gate": (6, 3, {"distractor_returns_answer": 1, "gold_call_error": 1, "scaled_call_wrong_answer": 1}),
     }
     why = {f["task_id"]: (f["stage"], f["reason"], f["detail"]) for f in report["failures"]}
-    assert set(why) == {"t4_director", "t5_weather_again", "t6_tower", "t7_currency"}
+    assert set(why) == {"t4_director", "t5_weather_again", "t6_tower", "t7_currency", "t8_brazil_language",
+                        "t9_denver_elevation"}
     assert why["t4_director"][:2] == ("gate", "gold_call_error")
-    assert "an error occured when call get_movie_director: 'Inception'" in why["t4_director"][2]
+    assert "an error occured when call get_movie_info: 'Inception'" in why["t4_director"][2]
     assert (
         why["t5_weather_again"][:2] == ("dedup", "duplicate_question")
         and "t1_weather" in why["t5_weather_again"][2]
@@ -125,10 +145,72 @@ def test_the_pipeline_keeps_exactly_the_good_envs_and_reports_why(built) -> None
         why["t7_currency"][:2] == ("gate", "distractor_returns_answer")
         and '"currency": "JPY"' in why["t7_currency"][2]
     )
+    assert why["t8_brazil_language"][:2] == ("scale", "scaling_not_applied")
+    assert why["t8_brazil_language"][2].startswith(
+        "not applied: parameter_expansion: new optional parameter 'script' of 'get_country_language' needs a "
+        '"default"'
+    )
+    assert why["t9_denver_elevation"][:2] == ("gate", "scaled_call_wrong_answer")
+    assert why["t9_denver_elevation"][2] == (
+        "parameter_type_generalization: type integer of 'city' of 'get_city_elevation': "
+        "get_city_elevation({\"city\": 2}) -> '{\"city\": \"Boulder\", \"elevation_m\": 1655}'; "
+        "expected the sub-answer '1609'"
+    )
     usage = report["usage"]["this_run"]
-    assert (usage["requests"], usage["cache_hits"], usage["repairs"], usage["local_repairs"]) == (26, 0, 3, 1)
-    assert (usage["prompt_tokens"], usage["completion_tokens"]) == (260, 130)  # 10 + 5 tokens per stub reply
-    assert usage["cost_usd"] == pytest.approx((260 * 1.0 + 130 * 2.0) / 1e6)
+    assert (usage["requests"], usage["cache_hits"], usage["repairs"], usage["local_repairs"]) == (36, 0, 6, 1)
+    assert (usage["prompt_tokens"], usage["completion_tokens"]) == (360, 180)  # 10 + 5 tokens per stub reply
+    assert usage["cost_usd"] == pytest.approx((360 * 1.0 + 180 * 2.0) / 1e6)
+
+
+def test_every_drawn_scaling_strategy_is_checked_and_counted(built) -> None:
+    """Scaling is on by default; each drawn strategy is verified (stage 4) and exercised (gate), and counted."""
+    env_set = resolve_set(built["records"].manifest["set"], built["sets_dir"])
+    report = env_set.report()
+    # drawn: tasks entering stage 4 the strategy was drawn for (t1 t2 t3 t4 t7 t8 t9, see the table above);
+    # applied: stage 4 verified it; rejected: stage 4 (t8: PE) or the gate (t9: PTG, t7: distractors) blamed
+    # it; kept: in the set (t1: FG PTG D, t2: D, t3: PE PTG D).
+    assert report["scaling"] == {
+        "functional_generalization": {"drawn": 3, "applied": 3, "rejected": 0, "kept": 1},
+        "parameter_expansion": {"drawn": 3, "applied": 2, "rejected": 1, "kept": 1},
+        "parameter_type_generalization": {"drawn": 4, "applied": 4, "rejected": 1, "kept": 2},
+        "distractors": {"drawn": 7, "applied": 6, "rejected": 1, "kept": 3},
+    }
+    assert env_set.manifest["scaling"] == report["scaling"]
+    blamed = {f["task_id"]: f["strategies"] for f in report["failures"] if f["strategies"]}
+    assert blamed == {"t7_currency": ["distractors"], "t8_brazil_language": ["parameter_expansion"],
+                      "t9_denver_elevation": ["parameter_type_generalization"]}
+    envs = {row["task_id"]: row for row in report["envs"]}
+    assert {k: (v["strategies"], v["probes"]) for k, v in envs.items()} == {
+        # t1: field='temperature_c' and 'humidity' (any fact), city=['Paris'] (must say 'sunny')
+        "t1_weather": (["functional_generalization", "parameter_type_generalization", "distractors"], 3),
+        "t2_capital_population": (["distractors"], 0),
+        # t3: include_area=False and city=[...] for each of the two calls
+        "t3_two_cities": (["parameter_expansion", "parameter_type_generalization", "distractors"], 4),
+    }
+    # t1's first scale reply had no selector parameter: the repair request named the missing strategy.
+    scale_requests = [body for body in built["requests"] if "stage: scale" in body["messages"][1]["content"]
+                      and "weather in Paris" in body["messages"][1]["content"]]
+    assert len(scale_requests) == 2 and "functional generalisation was drawn but no tool got a new selector " \
+        "parameter" in scale_requests[1]["messages"][-1]["content"]
+
+
+def test_stage2_writes_one_tool_per_sub_question_and_stage3_records_merged_from(built) -> None:
+    report = resolve_set(built["records"].manifest["set"], built["sets_dir"]).report()
+    envs = {row["task_id"]: row for row in report["envs"]}
+    # t3: stage 2 wrote one tool per city, stage 3 merged them (2 -> 1), stage 4 kept the name.
+    assert envs["t3_two_cities"]["documented_tools"] == ["get_lima_population", "get_oslo_population"]
+    assert envs["t3_two_cities"]["tools"] == ["get_city_population"]
+    assert envs["t3_two_cities"]["merged_from"] == {
+        "get_city_population": ["get_lima_population", "get_oslo_population"]
+    }
+    # t2: two tools doing different things stay apart; t1: one tool (no integrate request), renamed by
+    # functional generalisation in stage 4 and still traced to its stage-2 tool.
+    assert envs["t2_capital_population"]["merged_from"] == {
+        "get_capital": ["get_capital"], "get_city_population": ["get_city_population"]
+    }
+    assert envs["t1_weather"]["merged_from"] == {"get_weather_info": ["get_weather"]}
+    # Integrate is asked only where stage 2 wrote more than one tool: t2 and t3 of the tasks that got there.
+    assert built["stages"].count("integrate") == 2
 
 
 def test_records_are_reference_records_with_gold_calls(built) -> None:
@@ -138,8 +220,17 @@ def test_records_are_reference_records_with_gold_calls(built) -> None:
         assert list(record) == list(REFERENCE_FIELDS) + ["gold_calls"]
     weather, capital = train
     assert (weather["data_source"], weather["answer"]) == ("Single-Hop", "sunny")
-    assert [t["function"]["name"] for t in json.loads(weather["tools"])] == ["get_weather", "get_air_quality"]
-    assert json.loads(weather["unsolved_set"]) == {"get_weather": ["sunny"]}
+    assert json.loads(weather["unsolved_set"]) == {"get_weather_info": ["sunny"]}
+    assert json.loads(weather["gold_calls"]) == [
+        [{"name": "get_weather_info", "arguments": {"city": "Paris", "field": "condition"}}]
+    ]
+    # Tools are listed in an order seeded per task: answering tools and distractors mixed.
+    names = {_questions([r])[0]: [t["function"]["name"] for t in json.loads(r["tools"])] for r in train + test}
+    assert names == {
+        KEPT["train"][0]: ["get_weather_info", "get_air_quality", "get_city_timezone"],
+        KEPT["train"][1]: ["get_city_area", "get_city_population", "get_capital", "get_country_currency"],
+        KEPT["test"][0]: ["get_city_area", "get_city_mayor", "get_city_population"],
+    }
     assert json.loads(capital["gold_calls"]) == [
         [{"name": "get_capital", "arguments": {"country": "France"}}],
         [{"name": "get_city_population", "arguments": {"city": "Paris"}}],
@@ -167,18 +258,20 @@ def test_the_set_is_versioned_with_a_manifest(built) -> None:
         manifest["prompts"]["decompose"]
         == hashlib.sha256((PROMPT_DIR / "decompose.txt").read_bytes()).hexdigest()
     )
-    assert manifest["knobs"]["min_distractors"] == 1 and manifest["counts"]["test"] == {
-        "Parallel Single-Hop": 1
+    assert manifest["knobs"] == {  # the builder's defaults: ftrl.config.SCALING
+        "functional_generalization": 0.5, "parameter_expansion": 0.5, "parameter_type_generalization": 0.5,
+        "min_distractors": 1, "max_distractors": 2, "seed": 0,
     }
+    assert manifest["counts"]["test"] == {"Parallel Single-Hop": 1}
     assert manifest["statistics"]["train"]["Multi-Hop"] == {
         "count": 1.0,
         "mean_sub_answers": 2.0,
-        "mean_tools": 3.0,
-        "mean_distractors": 1.0,
+        "mean_tools": 4.0,
+        "mean_distractors": 2.0,
         "mean_gold_turns": 2.0,
         "mean_gold_calls": 2.0,
     }
-    assert manifest["usage"]["total"]["total_prompt_tokens"] == 260
+    assert manifest["usage"]["total"]["total_prompt_tokens"] == 360
     assert manifest["seeds"]["seed_file_sha256"] == hashlib.sha256(SEEDS.read_bytes()).hexdigest()
 
 
@@ -194,9 +287,9 @@ def test_rebuilding_with_the_same_inputs_sends_no_request(built, tmp_path: Path,
     assert again.env_set.path == Path(built["records"].manifest["set_path"])
     assert again.records == dict(built["records"])
     assert (
-        again.report.usage["this_run"]["requests"] == 0 and again.report.usage["this_run"]["cache_hits"] == 26
+        again.report.usage["this_run"]["requests"] == 0 and again.report.usage["this_run"]["cache_hits"] == 36
     )
-    assert again.report.usage["total"]["total_prompt_tokens"] == 260  # what the set cost when it was built
+    assert again.report.usage["total"]["total_prompt_tokens"] == 360  # what the set cost when it was built
     assert [(f.task_id, f.reason) for f in again.report.failures] == [
         (f["task_id"], f["reason"]) for f in resolve_set("llm", built["sets_dir"]).report()["failures"]
     ]
@@ -221,20 +314,19 @@ def test_an_endpoint_outage_is_reported_and_the_next_run_resumes(tmp_path: Path,
                 "model=stub-builder",
                 f"api.base_url={server.base_url}",
                 "api.api_key_env=",
-                "min_distractors=1",
-                "backoff_base_s=0",
-                "max_distractors=1",
-                "functional_generalization=0",
-                "parameter_expansion=0",
-                "parameter_type_generalization=0",
+                "backoff_base_s=0",  # no scaling flag: the CLI's defaults scale as _config's do
                 "--sets-dir",
                 str(tmp_path),
             ]
         )
         assert code == 0
         assert server.stages == ["document", "integrate", "scale", "deploy"]
-    assert "kept train=2, test=1" in capsys.readouterr().out
-    assert {s.ref for s in list_sets(tmp_path)} == {first.env_set.ref, resolve_set("llm", tmp_path).ref}
+    out = capsys.readouterr().out
+    assert "kept train=2, test=1" in out
+    # (the stored path, not resolve_set("llm"): two builds within one second tie on "created")
+    stored = next(line.removeprefix("stored ") for line in out.splitlines() if line.startswith("stored "))
+    assert {s.ref for s in list_sets(tmp_path)} == {first.env_set.ref, Path(stored).name}
+    assert first.env_set.ref != Path(stored).name
 
 
 def test_procedural_and_llm_records_run_unchanged_through_collector_evaluator_and_warm_start(
@@ -347,7 +439,8 @@ def test_sets_list_show_and_mix(built, tmp_path: Path) -> None:
         env_set(run_config)
 
     text = format_env(llm_set.records("test")[0], execute=StatefulExecutor())
-    assert "tools (1 answering, 1 distractor):" in text and "get_city_mayor(city: string)" in text
+    assert "tools (1 answering, 2 distractor):" in text and "get_city_mayor(city: string)" in text
+    assert "get_city_population(city: string|array, include_area: boolean = ...)" in text
     assert text.count("[solves a sub-answer]") == 2 and "unsolved after the gold chain: 0" in text
     assert (
         sets_main(
@@ -475,12 +568,20 @@ def test_deployed_source_must_be_one_function_taking_the_schema() -> None:
 
 
 def test_scaling_knobs_are_drawn_per_task_and_checked(tmp_path: Path) -> None:
-    assert Knobs().draw("t") == ([], 0)
+    # The default is the one shared default (ftrl.config.SCALING): every environment gets 1-2 distractors and
+    # each other strategy with probability 0.5, so no environment is left unscaled.
+    assert Knobs() == Knobs(SCALING.functional_generalization, SCALING.parameter_expansion,
+                            SCALING.parameter_type_generalization, SCALING.min_distractors, SCALING.max_distractors)
+    defaults = [Knobs().draw(f"task{i}") for i in range(400)]
+    assert all("distractors" in drawn and 1 <= n <= 2 for drawn, n in defaults)
+    for strategy in ("functional_generalization", "parameter_expansion", "parameter_type_generalization"):
+        assert 160 <= sum(strategy in drawn for drawn, _ in defaults) <= 240
+    assert Knobs(0.0, 0.0, 0.0, 0, 0).draw("t") == ([], 0)
     assert Knobs(1.0, 1.0, 1.0, 2, 2).draw("t") == (
         ["functional_generalization", "parameter_expansion", "parameter_type_generalization", "distractors"],
         2,
     )
-    half = Knobs(parameter_expansion=0.5, seed=1)
+    half = Knobs(0.0, 0.5, 0.0, 0, 0, seed=1)
     draws = [half.draw(f"task{i}")[0] for i in range(200)]
     assert draws == [half.draw(f"task{i}")[0] for i in range(200)]  # seeded per task
     assert 80 <= sum(1 for d in draws if d == ["parameter_expansion"]) <= 120
@@ -504,11 +605,158 @@ def test_scaling_knobs_are_drawn_per_task_and_checked(tmp_path: Path) -> None:
         }
     )
     llm, engine = _structured(tmp_path, [same] * 3)
-    ctx = StageContext(llm, load_prompts(), Knobs(parameter_expansion=1.0), concurrency=1)
+    ctx = StageContext(llm, load_prompts(), Knobs(0.0, 1.0, 0.0, 0, 0), concurrency=1)
     outputs, failures = scale([ToolSet(scenario, [tool], [GoldCall("q1", "get_x", {"k": "A"})])], ctx)
-    assert outputs == [] and [(f.stage, f.reason) for f in failures] == [("scale", "schema_violation")]
-    assert "parameter expansion was asked for" in failures[0].detail
+    assert outputs == [] and [(f.stage, f.reason, f.strategies) for f in failures] == [
+        ("scale", "scaling_not_applied", ["parameter_expansion"])
+    ]
+    assert failures[0].detail.startswith(
+        "not applied: parameter_expansion: parameter expansion was drawn but no tool got a new optional parameter"
+    )
     assert "Parameter expansion: add parameters" in engine.sent[0][1]["content"]
+    assert len(engine.sent) == 3  # the first request and two repair requests naming what is missing
+
+
+def _tool(name: str, properties: dict, required: list[str]) -> dict:
+    return {"type": "function", "function": {"name": name, "description": f"{name} tool",
+                                             "parameters": {"type": "object", "properties": properties,
+                                                            "required": required}}}
+
+
+def _two_hop_scenario() -> Scenario:
+    return Scenario(SeedTask("t", "How many people live in Oslo and in Lima?", "test"), "Parallel Single-Hop",
+                    [SubQuestion("q1", "Population of Oslo?", "709037"),
+                     SubQuestion("q2", "Population of Lima?", "10092000")], "709037, 10092000")
+
+
+def test_document_stage_writes_exactly_one_tool_per_sub_question(tmp_path: Path) -> None:
+    city = {"city": {"type": "string"}}
+    shared = _tool("get_city_population", city, ["city"])
+    one_tool = json.dumps({"tools": [
+        {"sub_question_id": "q1", "tool": shared, "arguments": {"city": "Oslo"}},
+        {"sub_question_id": "q2", "tool": shared, "arguments": {"city": "Lima"}},
+    ]})
+    two_tools = json.dumps({"tools": [
+        {"sub_question_id": "q1", "tool": _tool("get_oslo_population", {}, []), "arguments": {}},
+        {"sub_question_id": "q2", "tool": _tool("get_lima_population", {}, []), "arguments": {}},
+    ]})
+    llm, engine = _structured(tmp_path, [one_tool, two_tools])
+    ctx = StageContext(llm, load_prompts(), Knobs(), concurrency=1)
+    [documented], failures = document([_two_hop_scenario()], ctx)
+    assert failures == [] and len(engine.sent) == 2
+    assert "exactly 2 tools for the 2 sub-questions" in engine.sent[0][1]["content"]
+    assert "tool name(s) ['get_city_population'] are used for several sub-questions" in engine.sent[1][-1]["content"]
+    assert [tool_name(t) for t in documented.tools] == ["get_oslo_population", "get_lima_population"]
+    assert [(c.sub_question_id, c.name) for c in documented.calls] == [
+        ("q1", "get_oslo_population"), ("q2", "get_lima_population")
+    ]
+
+
+def test_integrate_derives_merged_from_and_checks_the_replys_claim(tmp_path: Path) -> None:
+    scenario = _two_hop_scenario()
+    item = Documented(scenario, [_tool("get_oslo_population", {}, []), _tool("get_lima_population", {}, [])],
+                      [GoldCall("q1", "get_oslo_population", {}), GoldCall("q2", "get_lima_population", {})])
+    merged = _tool("get_city_population", {"city": {"type": "string"}}, ["city"])
+    calls = [{"sub_question_id": "q1", "name": "get_city_population", "arguments": {"city": "Oslo"}},
+             {"sub_question_id": "q2", "name": "get_city_population", "arguments": {"city": "Lima"}}]
+    wrong = json.dumps({"tools": [merged], "calls": calls,
+                        "merged_from": {"get_city_population": ["get_oslo_population"]}})
+    right = json.dumps({"tools": [merged], "calls": calls,
+                        "merged_from": {"get_city_population": ["get_oslo_population", "get_lima_population"]}})
+    llm, engine = _structured(tmp_path, [wrong, right])
+    [toolset], failures = integrate([item], StageContext(llm, load_prompts(), Knobs(), concurrency=1))
+    assert failures == []
+    assert toolset.merged_from == {"get_city_population": ["get_lima_population", "get_oslo_population"]}
+    assert toolset.documented == {"q1": "get_oslo_population", "q2": "get_lima_population"}
+    assert ('$.merged_from is {"get_city_population": ["get_oslo_population"]} but the calls say '
+            '{"get_city_population": ["get_lima_population", "get_oslo_population"]}') in engine.sent[1][-1]["content"]
+
+
+def test_scale_check_verifies_each_strategy_and_derives_its_probes() -> None:
+    before = [_tool("get_x", {"k": {"type": "string"}}, ["k"])]
+    before_calls = [GoldCall("q1", "get_x", {"k": "A"})]
+    properties = {
+        "k": {"type": ["string", "array", "integer"], "items": {"type": "string"}},
+        "field": {"type": "string", "enum": ["x", "y", "z"]},
+        "unit": {"type": "string", "enum": ["m", "ft"], "default": "m"},
+        "verbose": {"type": "boolean"},
+    }
+    after = [_tool("get_x_info", properties, ["k", "field"])]
+    calls = [{"sub_question_id": "q1", "name": "get_x_info", "arguments": {"k": "A", "field": "x"}}]
+    strategies = ["functional_generalization", "parameter_expansion", "parameter_type_generalization"]
+    judged = ScaleCheck(strategies, before, before_calls, after, calls).run()
+    assert judged.errors == {
+        "parameter_expansion": [("new optional parameter 'verbose' of 'get_x_info' needs a \"default\" of its type "
+                                "(or an \"enum\"/\"examples\"), so that it can be called")],
+        "parameter_type_generalization": [
+            ("parameter 'k' of 'get_x_info' accepts ['string', 'array', 'integer'] but no call passes it as integer: "
+            'add {"sub_question_id", "parameter": "k", "value"} to "alternatives" with the gold value as integer')],
+    }
+    properties["verbose"]["default"] = False
+    fixed = ScaleCheck(strategies, before, before_calls, after, calls,
+                       [{"sub_question_id": "q1", "parameter": "k", "value": 7}]).run()
+    assert fixed.errors == {}
+    assert [(p.strategy, p.parameter, p.arguments, p.expect_answer) for p in fixed.probes] == [
+        ("functional_generalization", "field", {"k": "A", "field": "y"}, False),
+        ("functional_generalization", "field", {"k": "A", "field": "z"}, False),
+        ("parameter_expansion", "unit", {"k": "A", "field": "x", "unit": "m"}, True),
+        ("parameter_expansion", "verbose", {"k": "A", "field": "x", "verbose": False}, True),
+        ("parameter_type_generalization", "k", {"k": ["A"], "field": "x"}, True),
+        ("parameter_type_generalization", "k", {"k": 7, "field": "x"}, True),
+    ]
+    assert fixed.features == {"get_x_info.field": "functional_generalization", "get_x_info.unit": "parameter_expansion",
+                              "get_x_info.verbose": "parameter_expansion",
+                              "get_x_info.k": "parameter_type_generalization"}
+    # Nothing new: every drawn strategy is missing, each with its reason.
+    unscaled = ScaleCheck(strategies, before, before_calls, before,
+                          [{"sub_question_id": "q1", "name": "get_x", "arguments": {"k": "A"}}]).run()
+    assert sorted(unscaled.errors) == sorted(strategies)
+    no_items = [_tool("get_x", {"k": {"type": ["string", "array"]}}, ["k"])]
+    assert ScaleCheck(["parameter_type_generalization"], before, before_calls, no_items,
+                      [{"sub_question_id": "q1", "name": "get_x", "arguments": {"k": "A"}}]).run().errors == {
+        "parameter_type_generalization": [("parameter 'k' of 'get_x' accepts an array but declares no \"items\" "
+                                          "(OpenAI tool schemas need it)")]}
+
+
+def _town_env(code: str) -> Deployed:
+    tool = _tool("get_town", {"k": {"type": ["string", "array"], "items": {"type": "string"}}}, ["k"])
+    scenario = Scenario(SeedTask("town", "Which town is alpha?", "test"), "Single-Hop",
+                        [SubQuestion("q1", "Town of alpha?", "Kiruna")], "Kiruna")
+    call = GoldCall("q1", "get_town", {"k": "alpha"})
+    probe = Probe("parameter_type_generalization", "array form of 'k' of 'get_town'", "k", "q1", "get_town",
+                  {"k": ["alpha"]})
+    toolset = ToolSet(scenario, [tool], [call], {"get_town": ["get_town"]},
+                      strategies=["parameter_type_generalization"], probes=[probe], documented={"q1": "get_town"},
+                      features={"get_town.k": "parameter_type_generalization"})
+    return Deployed(toolset, {"get_town": code})
+
+
+TOWN_CODE = """def get_town(k):
+    table = {'alpha': 'Kiruna', 'beta': 'Lund'}
+    def one(key):
+        if not isinstance(key, str):
+            raise TypeError(f'k must be a string or a list of strings, got {type(key).__name__} {key!r}')
+        if key.strip().lower() not in table:
+            raise ValueError(f'unknown k {key!r}; known: {sorted(table)}')
+        return table[key.strip().lower()]
+    if isinstance(k, list):
+        return {'towns': [one(item) for item in k]}
+    return {'k': k.strip(), 'town': one(k)}
+"""
+
+
+def test_the_gate_calls_the_scaled_features_and_blames_the_strategy() -> None:
+    kept, failures = gate_envs([_town_env(TOWN_CODE)], {"town": "train"}, 10.0)
+    assert failures == [] and len(kept) == 1
+    scalar_only = TOWN_CODE.replace("    if isinstance(k, list):\n        return {'towns': [one(item) for item in k]}\n", "")
+    kept, [failure] = gate_envs([_town_env(scalar_only)], {"town": "train"}, 10.0)
+    assert kept == [] and (failure.reason, failure.strategies) == ("scaled_feature_fails",
+                                                                   ["parameter_type_generalization"])
+    assert failure.detail.startswith("k as array: get_town({\"k\": [\"alpha\"]}) fails: ")
+    wrong_list = TOWN_CODE.replace("[one(item) for item in k]", "[one('beta') for item in k]")
+    kept, [failure] = gate_envs([_town_env(wrong_list)], {"town": "train"}, 10.0)
+    assert (failure.reason, failure.strategies) == ("scaled_feature_fails", ["parameter_type_generalization"])
+    assert "loses the sub-answer 'Kiruna'" in failure.detail
 
 
 def test_prompts_can_be_overridden_and_bad_placeholders_are_named(tmp_path: Path) -> None:
@@ -555,6 +803,9 @@ def test_topics_generate_seed_tasks_per_scenario(tmp_path: Path) -> None:
             tasks_per_topic=2,
             test_fraction=0.0,
             scenario_weights={"single_hop": 1.0, "multi_hop": 1.0},
+            # Topic seeds get ids hashed from their question; seed 201 draws for them the strategies seed 0
+            # draws for t1 and t2, which the recorded scale replies were written for.
+            seed=201,
         )
         result = build_env_set(cfg, sets_dir=tmp_path)
     assert "1. Single-Hop\n2. Multi-Hop" in server.requests[0]["messages"][1]["content"]
@@ -568,6 +819,30 @@ def test_topics_generate_seed_tasks_per_scenario(tmp_path: Path) -> None:
         result.report.stages[0].entered,
         result.report.stages[0].passed,
     ) == (1, 1)
+
+
+@pytest.mark.parametrize("experiment,model,prices", [
+    ("qwen3_8b_grpo", "gpt-4o", (2.5, 10.0)),  # the paper's builder model in every paper experiment ...
+    ("freeze_ablation", "gpt-4o", (2.5, 10.0)),
+    ("eval_qwen25_7b", "gpt-4o", (2.5, 10.0)),
+    ("tiny_freeze_ablation", "gpt-4o-mini", (0.15, 0.6)),  # ... while the CPU ones keep the envs=llm defaults
+    ("eval_tiny", "gpt-4o-mini", (0.15, 0.6)),
+])
+def test_paper_experiments_default_the_builder_to_gpt4o(experiment: str, model: str, prices: tuple,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    from hydra import compose, initialize_config_dir
+
+    import ftrl.run  # noqa: F401  (registers the config resolvers)
+    from ftrl.config import load_run_config
+
+    monkeypatch.setenv("FTRL_DATA_DIR", "/datasets")
+    conf = Path(__file__).resolve().parent.parent / "conf"
+    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
+        cfg = load_run_config(compose(config_name="config", overrides=[
+            "run_dir=/tmp/ftrl-test-run", f"+experiment={experiment}", "envs=llm"]))
+    assert cfg.envs.name == "llm" and cfg.envs.llm.model == model
+    assert (cfg.envs.llm.api.price_per_mtok_in, cfg.envs.llm.api.price_per_mtok_out) == prices
+    assert cfg.envs.llm.functional_generalization == SCALING.functional_generalization
 
 
 def test_config_errors_name_the_key() -> None:

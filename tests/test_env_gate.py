@@ -17,6 +17,7 @@ from omegaconf import OmegaConf
 
 from ftrl.artifacts import RunDir, read_json
 from ftrl.config import FilesConfig, load_run_config
+from ftrl.envs import gate as env_gate
 from ftrl.envs.gate import EnvGateError, gate_records
 from ftrl.envs.io import RecordError, load_ftrl_files, read_records, write_jsonl
 from ftrl.errors import ConfigError
@@ -186,3 +187,147 @@ def test_a_warm_start_without_gold_calls_is_refused_at_build_envs(tmp_path: Path
     ctx = _run(tmp_path, train, test)
     ctx.cfg.model.warm_start = False
     assert build_envs(ctx)["train"] == 1
+
+
+# ---------------------------------------------------------------------------- the build-time gate
+# A small handwritten environment per case, probed by ftrl.envs.gate.gate_candidates in the real
+# sandbox: the good one passes, each broken one is refused with its reason and evidence in words.
+def _city_tool(name: str = "get_city_temp", column: str = "temp", table: str = "{'PARIS': 21, 'OSLO': 4}",
+               lookup: str = "key = city.strip().upper()", result: str = "table[key]",
+               city_type: object = "string", extra: str = "") -> tuple[dict, str]:
+    schema = {"type": "function", "function": {
+        "name": name, "description": f"Get the {column} of a city.",
+        "parameters": {"type": "object", "properties": {"city": {"type": city_type, "description": "city name"}},
+                       "required": ["city"]}}}
+    if city_type == ["string", "array"]:
+        schema["function"]["parameters"]["properties"]["city"]["items"] = {"type": "string"}
+    code = (f"def {name}(city{extra}):\n"
+            f"    table = {table}\n"
+            "    if not isinstance(city, str):\n"
+            "        raise TypeError(f'city must be a string, got {type(city).__name__}')\n"
+            f"    {lookup}\n"
+            "    if key not in table:\n"
+            "        raise ValueError(f'unknown city {city!r}')\n"
+            f"    return {{'city': key, '{column}': {result}}}\n")
+    return schema, code
+
+
+def _env(tools: list[tuple[dict, str]], turns: list[list[dict]], unsolved: dict, answer: str,
+         invalid: list[dict] | None = None) -> env_gate.Candidate:
+    record = {
+        "messages": [{"role": "user", "content": "?"}],
+        "tools": json.dumps([schema for schema, _ in tools]),
+        "codes": json.dumps({schema["function"]["name"]: code for schema, code in tools}),
+        "unsolved_set": json.dumps(unsolved), "solve_rate": 0.0, "answer": answer,
+        "data_source": "Single-Hop" if len(turns) == 1 else "Multi-Hop", "split": "train",
+        "gold_calls": json.dumps(turns),
+    }
+    probes = invalid if invalid is not None else [{"name": "get_city_temp", "arguments": {"city": "Atlantis"}}]
+    return env_gate.Candidate(record, ("x",), probes, [])
+
+
+def _paris(tool: tuple[dict, str] | None = None, answer: str = "21", **invalid) -> env_gate.Candidate:
+    return _env([tool or _city_tool()], [[{"name": "get_city_temp", "arguments": {"city": "Paris"}}]],
+                {"get_city_temp": [answer]}, answer, **invalid)
+
+
+def _verdict(candidate: env_gate.Candidate, **options) -> env_gate.Rejection | None:
+    [verdict] = env_gate.gate_candidates([candidate], timeout=5.0, **options)
+    return verdict
+
+
+def test_a_good_environment_passes_the_build_time_gate() -> None:
+    assert _verdict(_paris()) is None
+    # Lower-case, upper-case and padded city names were tried (and the one invalid probe).
+    plan = env_gate._plan(_paris(), frozenset(env_gate.PROBE_CHECKS))
+    assert [p.call["arguments"]["city"] for p in plan.probes] == ["paris", "PARIS", " Paris "]
+
+
+def test_short_answers_that_match_by_accident_are_refused() -> None:
+    # (1) The gold "21" occurs inside "214", another value the tool can return.
+    inside_table = _verdict(_paris(_city_tool(table="{'PARIS': 21, 'OSLO': 214}")))
+    assert inside_table.reason == env_gate.ACCIDENTAL_MATCH
+    assert "sub-answer '21' of get_city_temp occurs inside the value '214' its code can return" in inside_table.detail
+    # (2) One sub-answer inside another: "10" and "100".
+    rain = _city_tool("get_city_rain", "rain", table="{'OSLO': 100, 'PARIS': 7}")
+    both = _env([_city_tool(table="{'PARIS': 10, 'OSLO': 4}"), rain],
+                [[{"name": "get_city_temp", "arguments": {"city": "Paris"}},
+                  {"name": "get_city_rain", "arguments": {"city": "Oslo"}}]],
+                {"get_city_temp": ["10"], "get_city_rain": ["100"]}, "10, 100")
+    assert _verdict(both) == env_gate.Rejection(env_gate.ACCIDENTAL_MATCH, "sub-answer '10' occurs inside '100'")
+    # (3) Only in the output: the tool appends a digit at run time, so "21" matches inside "215".
+    suffixed = _verdict(_paris(_city_tool(result="str(table[key]) + '5'")))
+    assert suffixed.reason == env_gate.ACCIDENTAL_MATCH
+    assert "matches only inside a longer word of get_city_temp" in suffixed.detail and "215" in suffixed.detail
+
+
+def test_an_answer_leaking_into_an_earlier_hop_is_refused() -> None:
+    country = _city_tool("get_city_country", "country", table="{'LYON': 'FR'}")
+    leaky_country = _city_tool("get_city_country", "country", table="{'LYON': 'FR'}",
+                               result="table[key], 'capital': 'PARIS'")
+    capital = ({"type": "function", "function": {
+        "name": "get_country_capital", "description": "Get the capital of a country.",
+        "parameters": {"type": "object", "properties": {"country": {"type": "string"}}, "required": ["country"]}}},
+        ("def get_country_capital(country):\n"
+         "    key = country.strip().upper()\n"
+         "    if key != 'FR':\n"
+         "        raise ValueError(f'unknown country {country!r}')\n"
+         "    return {'country': key, 'capital': 'PARIS'}\n"))
+    turns = [[{"name": "get_city_country", "arguments": {"city": "Lyon"}}],
+             [{"name": "get_country_capital", "arguments": {"country": "FR"}}]]
+    unsolved = {"get_city_country": ["FR"], "get_country_capital": ["PARIS"]}
+    invalid = [{"name": "get_city_country", "arguments": {"city": "Atlantis"}}]
+    assert _verdict(_env([country, capital], turns, unsolved, "PARIS", invalid)) is None
+    leak = _verdict(_env([leaky_country, capital], turns, unsolved, "PARIS", invalid))
+    assert leak.reason == env_gate.HOP_LEAK
+    assert ("already holds 'PARIS', the sub-answer of get_country_capital({\"country\": \"FR\"}) (gold turn 2)"
+            in leak.detail)
+
+
+def test_a_non_deterministic_tool_is_refused() -> None:
+    noisy = _city_tool(result="table[key], 'request': __import__('random').random()")
+    verdict = _verdict(_paris(noisy))
+    assert verdict.reason == env_gate.NONDETERMINISTIC
+    assert verdict.detail.startswith('get_city_temp({"city": "Paris"}) returned ') and ", then " in verdict.detail
+
+
+def test_an_error_that_does_not_say_what_was_wrong_is_refused() -> None:
+    vague = _city_tool()[0], _city_tool()[1].replace("f'unknown city {city!r}'", "'invalid input'")
+    verdict = _verdict(_paris(vague))
+    assert verdict.reason == env_gate.ERROR_UNINFORMATIVE
+    assert verdict.detail == ("get_city_temp({\"city\": \"Atlantis\"}) -> 'an error occured when call get_city_temp: "
+                              "invalid input' names none of 'city', 'Atlantis', \"'Atlantis'\", '\"Atlantis\"'")
+    # Python's own errors name the parameter: a missing argument is informative.
+    missing = _paris(vague, invalid=[{"name": "get_city_temp", "arguments": {}}])
+    assert _verdict(missing) is None
+    assert env_gate.blamed({"name": "f", "arguments": {"city": 3, "zzz": 1}}, vague[0]["function"], []) == [
+        "city", "3", "zzz"]
+
+
+def test_case_and_space_variants_of_a_string_argument_must_work() -> None:
+    exact = _city_tool(table="{'Paris': 21, 'Oslo': 4}", lookup="key = city")
+    verdict = _verdict(_paris(exact))
+    assert verdict.reason == env_gate.VARIANT_FAILS
+    assert verdict.detail.startswith("city lower-cased: get_city_temp({\"city\": \"paris\"}) fails: ")
+    # Enum values are exact spellings: no variants for them.
+    enum_schema = json.loads(json.dumps(exact[0]))
+    enum_schema["function"]["parameters"]["properties"]["city"]["enum"] = ["Paris", "Oslo"]
+    assert _verdict(_paris((enum_schema, exact[1]))) is None
+    assert _verdict(_paris(exact), checks=[c for c in env_gate.PROBE_CHECKS if c != env_gate.VARIANT_FAILS]) is None
+
+
+def test_every_alternative_type_array_form_and_optional_parameter_is_called() -> None:
+    # The schema offers an array of cities, but the code refuses lists.
+    no_arrays = _verdict(_paris(_city_tool(city_type=["string", "array"])))
+    assert no_arrays.reason == env_gate.SCALED_FEATURE_FAILS
+    assert no_arrays.detail.startswith('city as array: get_city_temp({"city": ["Paris"]}) fails: ')
+    # An optional parameter that breaks when set.
+    schema, code = _city_tool(extra=", units='c'")
+    schema["function"]["parameters"]["properties"]["units"] = {"type": "string", "enum": ["c", "f"]}
+    broken = code.replace("    table =", "    if units == 'f':\n        raise NotImplementedError('todo')\n    table =")
+    verdict = _verdict(_paris((schema, broken)))
+    assert verdict.reason == env_gate.SCALED_FEATURE_FAILS and verdict.detail.startswith("optional units='f': ")
+    working = code.replace("    table =", "    assert units in ('c', 'f'), units\n    table =")
+    assert _verdict(_paris((schema, working))) is None
+    probes = env_gate.feature_probes(schema["function"], {"name": "get_city_temp", "arguments": {"city": "Paris"}}, 0)
+    assert [p.label for p in probes] == ["optional units='c'", "optional units='f'"]

@@ -1,4 +1,7 @@
-"""Reference-format record I/O: round trips, validation errors with file:line, loading, hashing."""
+"""Reference-format record I/O: round trips, validation errors with file:line, loading, hashing, export.
+
+    python -m pytest tests/test_envs_io.py -q
+"""
 
 from __future__ import annotations
 
@@ -13,6 +16,8 @@ from ftrl.envs.io import (
     env_set_hash,
     load_ftrl_files,
     read_records,
+    reference_record,
+    tool_schema_problems,
     validate_record,
     write_jsonl,
     write_parquet,
@@ -108,12 +113,29 @@ def test_parquet_round_trip_with_mixed_tool_calls_and_content(tmp_path: Path) ->
     # `tool_calls: None` reads back as an absent key (Parquet structs pad missing keys with None).
     expected = json.loads(json.dumps(records))
     del expected[1]["messages"][1]["tool_calls"]
-    expected[0]["extra_info"] = None  # a field one record lacks reads back None
+    del expected[1]["extra_info"]  # a field one record lacks is no column (never null on some rows)
     assert back == expected
     assert back[0]["messages"][1]["content"] is None
     assert back[0]["messages"][1]["tool_calls"][0]["function"]["arguments"] == '{"order_id": 8514}'
-    assert back[1]["extra_info"] == {"index": 7, "tag": "x"}
     assert isinstance(back[0]["solve_rate"], float) and back[0]["solve_rate"] == 1.0
+    both = [dict(record, extra_info={"index": i, "tag": "x"}) for i, record in enumerate(records)]
+    assert [r["extra_info"]["index"] for r in read_records(write_parquet(tmp_path / "both.parquet", both))] == [0, 1]
+
+
+def test_parquet_columns_are_present_for_all_rows_or_for_none(tmp_path: Path, caplog) -> None:
+    import pyarrow.parquet as pq
+
+    # Snapshots: the first of an episode is the environment record (with gold_calls), later ones are not.
+    first = make_record()
+    later = {k: v for k, v in make_record(solve_rate=1.0, unsolved_set="{}").items() if k != "gold_calls"}
+    with caplog.at_level("INFO", logger="ftrl.envs.io"):
+        path = write_parquet(tmp_path / "snapshots.parquet", [first, later, later])
+    assert pq.read_schema(path).names == list(later)
+    assert "left out of the Parquet copy: gold_calls (1 of 3)" in caplog.text
+    for index, record in enumerate(read_records(path)):
+        validate_record(record, f"row {index}")  # a null gold_calls column would fail here
+    with pytest.raises(RecordError, match=r"s.parquet: record 1 lacks reference field 'answer', which 1 of 2"):
+        write_parquet(tmp_path / "s.parquet", [make_record(), {k: v for k, v in later.items() if k != "answer"}])
 
 
 def test_parquet_stores_dict_arguments_as_json_strings(tmp_path: Path) -> None:
@@ -204,3 +226,75 @@ def test_env_set_hash_is_a_content_hash(tmp_path: Path) -> None:
     changed = [dict(records[0], answer="625"), records[1]]
     assert env_set_hash({"train": changed, "test": []}) != base
     assert env_set_hash({"train": [], "test": records}) != base
+
+
+# ------------------------------------------------------------------------------ OpenAI schemas, export
+def _function(parameters: dict, name: str = "f") -> dict:
+    return {"type": "function", "function": {"name": name, "description": "d", "parameters": parameters}}
+
+
+@pytest.mark.parametrize(("parameters", "problem"), [
+    ({"type": "object", "properties": {"a": {"type": "string"}}, "required": ["b"]},
+     "parameters.required: 'b' is not in properties"),
+    ({"type": "object", "properties": {"ids": {"type": ["string", "array"]}}, "required": []},
+     "parameters.properties.ids: an array needs 'items'"),
+    ({"type": "object", "properties": {"a": {"type": "array", "items": {"type": "array"}}}},
+     "parameters.properties.a.items: an array needs 'items'"),
+    ({"type": "object", "properties": {"a": {"type": "text"}}}, "parameters.properties.a: unknown type 'text'"),
+    ({"type": "object", "properties": {"a": {"description": "no type"}}}, "'type' must be a JSON type"),
+    ({"type": "object", "properties": {"a": {"type": "string", "enum": []}}}, "'enum' must be a non-empty list"),
+    ({"type": "array"}, "parameters must be a JSON schema of type 'object'"),
+    ({"type": "object"}, "parameters.properties must be an object"),
+])
+def test_tool_schema_problems_name_the_parameter(parameters: dict, problem: str) -> None:
+    problems = tool_schema_problems(_function(parameters))
+    assert len(problems) == 1 and problem in problems[0] and problems[0].startswith("function 'f': ")
+
+
+def test_tool_schema_problems_accept_valid_schemas() -> None:
+    assert tool_schema_problems(TOOL) == []
+    assert tool_schema_problems(_function({"type": "object", "properties": {
+        "ids": {"type": ["integer", "string", "array"], "items": {"type": ["integer", "string"]}},
+        "where": {"type": "object", "properties": {"x": {"type": "number"}}, "required": ["x"]},
+        "either": {"anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}]}},
+        "required": ["ids"]})) == []
+    assert tool_schema_problems(_function({"type": "object", "properties": {}}, name="bad name"))[0].endswith(
+        "name must be 1-64 letters, digits, '_' or '-'")
+
+
+def test_every_procedural_schema_is_valid_for_openai_tool_calling() -> None:
+    from ftrl.config import ProceduralConfig
+    from ftrl.envs.procedural import generate_envs
+
+    knobs = {"functional_generalization": 0.5, "parameter_expansion": 0.5, "parameter_type_generalization": 0.5}
+    records = generate_envs(ProceduralConfig(num_train=60, num_test=0, **knobs), seed=4).records["train"]
+    tools = [tool for record in records for tool in json.loads(record["tools"])]
+    assert any("array" in next(iter(t["function"]["parameters"]["properties"].values()))["type"] for t in tools)
+    assert {tool["function"]["name"]: tool_schema_problems(tool) for tool in tools if tool_schema_problems(tool)} == {}
+
+
+def test_export_writes_exactly_the_reference_fields(tmp_path: Path, capsys) -> None:
+    from ftrl.envs.sets import export_records, main, write_set
+    from ftrl.types import REFERENCE_FIELDS
+
+    write_set({"train": [make_record(), make_record(answer="7")], "test": [make_record(split="test")]},
+              name="tiny", sets_dir=tmp_path / "sets")
+    assert main(["--sets-dir", str(tmp_path / "sets"), "export", "tiny", "--out", str(tmp_path / "ref")]) == 0
+    assert "wrote 2 train records (reference) to" in capsys.readouterr().out
+    train = read_records(tmp_path / "ref" / "train.jsonl")
+    assert [list(record) for record in train] == [list(REFERENCE_FIELDS)] * 2
+    assert train[0] == reference_record(make_record()) and "gold_calls" not in train[0]
+    assert main(["--sets-dir", str(tmp_path / "sets"), "export", "tiny", "--out", str(tmp_path / "pq"),
+                 "--type", "parquet"]) == 0
+    assert [list(r) for r in read_records(tmp_path / "pq" / "test.parquet")] == [list(REFERENCE_FIELDS)]
+    assert main(["--sets-dir", str(tmp_path / "sets"), "export", "tiny", "--out", str(tmp_path / "all"),
+                 "--format", "internal"]) == 0
+    assert read_records(tmp_path / "all" / "train.jsonl")[0] == make_record()
+
+    no_items = make_record(tools=json.dumps([_function({"type": "object", "properties": {
+        "order_id": {"type": "array"}}}, name="get_order_total")]))
+    with pytest.raises(RecordError, match=r"tiny train record 2: tool schema is not valid for OpenAI-style tool "
+                                          r"calling: function 'get_order_total': .*order_id: an array needs 'items'"):
+        export_records([make_record(), no_items], "tiny train")
+    with pytest.raises(RecordError, match=r"x record 1: a stateful environment \(field 'state'\)"):
+        export_records([make_record(state='{"family": "taubench"}')], "x")

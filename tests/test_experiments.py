@@ -37,10 +37,12 @@ for _model in ("qwen25_7b", "qwen25_14b", "qwen3_8b", "qwen3_14b"):
             TABLE2[_name] = (_model, _thinking, _algorithm, _estimator, 8192 if _thinking else 1024)
 ALL_EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
 SWEEPS = {
-    "freeze_ablation": ("freeze", ["none", "lower_mlp_only", "upper_mlp_only", "mlp_only", "attn_only",
-                                   "freeze_lower_mlp"]),
+    "freeze_ablation": ("freeze", ["none", "paper_lower_mlp_only", "freeze_paper_lower_mlp", "lower_mlp_only",
+                                   "upper_mlp_only", "freeze_lower_mlp", "mlp_only", "attn_only"]),
     "algorithm_ablation": ("algorithm", ["grpo", "reinforce_pp", "ppo"]),
-    "tiny_freeze_ablation": ("freeze", ["none", "lower_mlp_only", "mlp_only"]),
+    "tiny_freeze_ablation": ("freeze", ["none", "paper_lower_mlp_only", "lower_mlp_only", "upper_mlp_only"]),
+    "reward_ablation": ("reward", ["solve_precision", "solve_rate", "solve_pr", "solve_f1"]),
+    "tiny_reward_ablation": ("reward", ["solve_precision", "solve_rate", "solve_pr", "solve_f1"]),
     "tiny_algorithm_ablation": ("algorithm", ["grpo", "reinforce_pp", "ppo"]),
 }
 
@@ -153,14 +155,15 @@ def test_tiny_sweep_runs_one_job_per_option_on_cpu(tmp_path: Path) -> None:
     out = _run_cli("-m", "+experiment=tiny_freeze_ablation", "dry_run=true", f"hydra.sweep.dir={tmp_path}")
     assert out.returncode == 0, out.stderr
     jobs = sorted(p.name for p in tmp_path.iterdir() if p.is_dir())
-    assert jobs == ["freeze=lower_mlp_only", "freeze=mlp_only", "freeze=none"]
+    assert jobs == ["freeze=lower_mlp_only", "freeze=none", "freeze=paper_lower_mlp_only", "freeze=upper_mlp_only"]
     for job in jobs:
         identity = json.loads((tmp_path / job / "manifest.json").read_text())["identity"]
         policy = job.split("=")[1]
         assert (identity["name"], identity["freeze"]["name"]) == ("tiny_freeze_ablation", policy)
-        assert identity["model"]["tiny"]["hidden_size"] == 64  # the +debug=smoke sizes
+        assert identity["model"]["tiny"]["hidden_size"] == 64  # the +debug=smoke sizes ...
+        assert identity["model"]["tiny"]["num_hidden_layers"] == 4  # ... with 4 layers (layers 0-2 < all)
         assert f"run_dir: {tmp_path / job}" in out.stdout
-    assert out.stdout.count("[todo] train_r2") == 3  # +debug=smoke: two rounds per job
+    assert out.stdout.count("[todo] train_r2") == 4  # +debug=smoke: two rounds per job
 
 
 # ------------------------------------------------------------------------------------ CLI and launchers

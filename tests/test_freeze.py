@@ -61,6 +61,8 @@ EXPECTED_TRAINABLE: dict[str, tuple[set[str], int]] = {
     "upper_mlp_only": (layer_names([2, 3], MLP), 12_288),
     "attn_only": (layer_names(ALL_LAYERS, ATTN), 196_608),
     "freeze_lower_mlp": (ALL_NAMES - layer_names([0, 1], MLP), 214_304),
+    "paper_lower_mlp_only": (layer_names([0, 1, 2], MLP), 18_432),
+    "freeze_paper_lower_mlp": (ALL_NAMES - layer_names([0, 1, 2], MLP), 208_160),
 }
 FREEZE_OPTIONS = sorted(path.stem for path in FREEZE_DIR.glob("*.yaml"))
 

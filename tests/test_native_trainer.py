@@ -52,10 +52,25 @@ def _trainer(world: dict, tmp: Path, **overrides) -> NativeTrainer:
     return NativeTrainer(cfg, world["base"], world["envs"]["train"], tmp / "train", round_k=1)
 
 
+@pytest.fixture(scope="module")
+def world3(tmp_path_factory) -> dict:
+    """A 3-layer model: the paper's layers 0-2 policies need at least three layers."""
+    tmp = tmp_path_factory.mktemp("world3")
+    cfg = _config(tmp, model={"tiny": {"num_hidden_layers": 3}})
+    envs = build_procedural_envs(cfg.envs.procedural, seed=cfg.seed)
+    base = create_tiny_base(cfg.model.tiny, corpus_from_records(envs["train"]), tmp / "base", seed=cfg.seed,
+                            atomic_words=atomic_words_from_records(envs["train"]))
+    return {"envs": envs, "base": base, "overrides": {"model": {"tiny": {"num_hidden_layers": 3}}}}
+
+
 @pytest.mark.parametrize("policy", FREEZE_OPTIONS)
-def test_freeze_policy_keeps_frozen_tensors_bit_identical(world: dict, tmp_path: Path, policy: str) -> None:
+def test_freeze_policy_keeps_frozen_tensors_bit_identical(world: dict, world3: dict, tmp_path: Path,
+                                                          policy: str) -> None:
     spec = OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "freeze" / f"{policy}.yaml"))
-    trainer = _trainer(world, tmp_path, freeze=spec)
+    if "paper" in policy:
+        trainer = _trainer(world3, tmp_path, freeze=spec, **world3["overrides"])
+    else:
+        trainer = _trainer(world, tmp_path, freeze=spec)
     before = {name: p.detach().clone() for name, p in trainer.model.named_parameters()}
     trainable = {name for name, p in trainer.model.named_parameters() if p.requires_grad}
     assert trainable, policy
@@ -64,6 +79,8 @@ def test_freeze_policy_keeps_frozen_tensors_bit_identical(world: dict, tmp_path:
     frozen_changed = [n for n in before if n not in trainable and not torch.equal(before[n], after[n])]
     assert frozen_changed == []
     assert any(not torch.equal(before[n], after[n]) for n in trainable)
+    if policy == "paper_lower_mlp_only":  # 3 layers: the paper's layers 0-2 MLP, i.e. every MLP here
+        assert trainable == {f"model.layers.{i}.mlp.{m}_proj.weight" for i in range(3) for m in ("gate", "up", "down")}
     if policy == "lower_mlp_only":  # 2 layers: layer 0's gate/up/down only
         assert trainable == {f"model.layers.0.mlp.{m}_proj.weight" for m in ("gate", "up", "down")}
 

@@ -76,11 +76,14 @@ def test_local_sweep_gives_each_job_its_own_run(tmp_path: Path) -> None:
     result = _run("-m", "algorithm=grpo,reinforce_pp", "+debug=smoke", "train.rounds=1",
                   "stages=[build_envs,collect,train,eval]", f"hydra.sweep.dir={tmp_path}", timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    jobs = sorted(p.name for p in tmp_path.iterdir() if p.is_dir())
+    jobs = sorted(p.name for p in tmp_path.iterdir() if (p / "manifest.json").exists())
     # ``stages`` is left out of the name (it does not change results); the rest keep their CLI order.
     assert jobs == ["debug=smoke,algorithm=grpo,train.rounds=1",
                     "debug=smoke,algorithm=reinforce_pp,train.rounds=1"], jobs
+    # the sweep-level comparison sits beside the jobs, not among them
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir() and p.name not in jobs) == ["comparison"]
+    assert (tmp_path / "comparison" / "comparison.md").exists()
     for job in tmp_path.iterdir():
-        if job.is_dir():
+        if job.name in jobs:
             summary = json.loads((job / "summary.json").read_text())
             assert [e["checkpoint"] for e in summary["evals"]] == ["base", "warmup", "round1"]

@@ -1,4 +1,7 @@
-"""The offline environment generator: determinism, splits, scenarios, the gate and the knobs."""
+"""The offline environment generator: determinism, splits, scenarios, the gate and the knobs.
+
+    python -m pytest tests/test_procedural.py -q
+"""
 
 from __future__ import annotations
 
@@ -29,6 +32,9 @@ from ftrl.envs.sandbox import call_tools, get_sandbox
 from ftrl.types import SCENARIOS
 
 SMALL = {"num_train": 24, "num_test": 8}
+# Every complexity-scaling strategy off (the default has them all on): for tests about one strategy.
+UNSCALED = {"functional_generalization": 0.0, "parameter_expansion": 0.0, "parameter_type_generalization": 0.0,
+            "min_distractors": 0, "max_distractors": 0}
 
 
 def openai_call(call: dict) -> dict:
@@ -128,8 +134,8 @@ def test_tools_behave_the_same_in_both_sandbox_scopes(default_build) -> None:
     assert not any(output.startswith("an error occured") for outputs in reference for output in outputs)
 
 
-def test_tools_fail_informatively(default_build) -> None:
-    record = next(r for r in default_build.records["train"] if r["data_source"] == "Single-Hop")
+def test_tools_fail_informatively() -> None:
+    record = next(r for r in _knob_build() if r["data_source"] == "Single-Hop")
     call = json.loads(record["gold_calls"])[0][0]
     id_key, id_value = next(iter(call["arguments"].items()))
     unknown = 1000 if isinstance(id_value, int) else "X00"
@@ -145,6 +151,10 @@ def test_tools_fail_informatively(default_build) -> None:
 
 
 # ------------------------------------------------------------------------------------------ gate
+def entity_of(tool_name: str) -> str:
+    return tool_name.split("_")[1]
+
+
 def _candidate(scenario: str, seed: int, **knobs) -> procedural.Candidate:
     return sample_candidate(scenario, ProceduralConfig(**knobs), random.Random(seed))
 
@@ -201,14 +211,41 @@ def _tools(record: dict) -> list[dict]:
     return [tool["function"] for tool in json.loads(record["tools"])]
 
 
-def _knob_build(**knobs) -> list[dict]:
-    build = generate_envs(ProceduralConfig(num_train=8, num_test=0, **knobs), seed=5)
-    assert sum(build.report.kept["train"].values()) == 8  # every env passed the gate
+def _knob_build(num_train: int = 8, **knobs) -> list[dict]:
+    """Environments with every strategy off but those of ``knobs``."""
+    build = generate_envs(ProceduralConfig(num_train=num_train, num_test=0, **{**UNSCALED, **knobs}), seed=5)
+    assert sum(build.report.kept["train"].values()) == num_train  # every env passed the gate
     return build.records["train"]
 
 
-def test_default_envs_are_the_simplest(default_build) -> None:
-    for record in all_records(default_build):
+def _strategies(record: dict) -> dict[str, bool]:
+    """Which strategies a record's tools show (what the report should count)."""
+    tools = _tools(record)
+    distractors = [t for t in tools if t["name"] not in json.loads(record["unsolved_set"])]
+    first = next(iter(tools[0]["parameters"]["properties"].values()))
+    return {"functional_generalization": tools[0]["name"].endswith("_info"),
+            "parameter_expansion": "fmt" in tools[0]["parameters"]["properties"],
+            "parameter_type_generalization": isinstance(first["type"], list),
+            "distractors": bool(distractors)}
+
+
+def test_default_envs_are_scaled_and_the_report_counts_each_strategy(default_build) -> None:
+    report = default_build.report
+    for split in ("train", "test"):
+        records = default_build.records[split]
+        shown = [_strategies(record) for record in records]
+        counts = {strategy: sum(s[strategy] for s in shown) for strategy in procedural.STRATEGIES}
+        assert report.scaling[split] == {**counts, "unscaled": 0}
+        assert counts["distractors"] == len(records)  # 1..2 distractors by default: no env is unscaled
+        for record in records:
+            assert 1 <= len(_tools(record)) - len(json.loads(record["unsolved_set"])) <= 2
+    train = report.scaling["train"]  # each strategy drawn with p = 0.5 over 24 envs
+    assert all(4 <= train[s] <= 20 for s in procedural.STRATEGIES[:3])
+    assert "scaling train: functional_generalization=" in report.summary()
+
+
+def test_unscaled_knobs_give_the_simplest_envs() -> None:
+    for record in _knob_build():
         tools = _tools(record)
         assert {t["name"] for t in tools} == set(json.loads(record["unsolved_set"]))  # no distractors
         for tool in tools:
@@ -228,7 +265,7 @@ def test_distractors_add_tools_that_are_never_expected() -> None:
 
 
 def test_functional_generalization_merges_getters_into_info_tools() -> None:
-    records = _knob_build(functional_generalization=1.0)
+    records = _knob_build(16, functional_generalization=1.0, min_distractors=1, max_distractors=2)
     for record in records:
         expected = json.loads(record["unsolved_set"])
         assert all(name.endswith("_info") for name in expected)
@@ -237,6 +274,9 @@ def test_functional_generalization_merges_getters_into_info_tools() -> None:
             assert tool["parameters"]["properties"]["field"]["enum"]
         for turn in json.loads(record["gold_calls"]):
             assert all("field" in call["arguments"] for call in turn)
+        # Distractors are info tools too (of entities the task does not touch), never getters.
+        answering = {entity_of(name) for name in expected}
+        assert all(entity_of(t["name"]) not in answering for t in _tools(record) if t["name"] not in expected)
     # Two questions about one kind of entity now share one tool (function integration, n -> m).
     assert any(len(answers) >= 2 for r in records for answers in json.loads(r["unsolved_set"]).values())
 
@@ -267,6 +307,8 @@ def test_parameter_type_generalization_accepts_strings_numbers_and_lists() -> No
         for tool in _tools(record):
             id_param = next(iter(tool["parameters"]["properties"].values()))
             assert isinstance(id_param["type"], list) and "array" in id_param["type"]
+            items = id_param["items"]["type"]  # OpenAI-style schemas need the elements' schema
+            assert ({items} if isinstance(items, str) else set(items)) == set(id_param["type"]) - {"array"}
     checked = 0
     for record in records:
         call = json.loads(record["gold_calls"])[0][0]
@@ -328,11 +370,75 @@ def test_value_pools_bound_every_value_and_keep_values_apart() -> None:
     allowed = {str(v) for values in pools.values() for v in values}
     for record in all_records(build):
         for turn in json.loads(record["gold_calls"]):
-            for call in turn:
-                assert {str(v) for v in call["arguments"].values()} <= allowed
+            for call in turn:  # the id argument (field names and fmt are schema words, not pooled values)
+                assert str(next(iter(call["arguments"].values()))) in allowed
         assert set(record["answer"].split(", ")) <= allowed
 
 
 def test_pool_size_is_validated() -> None:
     with pytest.raises(ConfigError, match="envs.procedural.id_pool_size"):
         generate_envs(ProceduralConfig(**{**SMALL, "id_pool_size": 3}), seed=0)
+
+
+# -------------------------------------------------------------------- order, style, scaling checks
+def test_tool_order_is_shuffled_per_environment() -> None:
+    build = generate_envs(ProceduralConfig(num_train=80, num_test=0), seed=7)
+    first_is_distractor = last_is_distractor = 0
+    for record in build.records["train"]:
+        names = [t["name"] for t in _tools(record)]
+        expected = json.loads(record["unsolved_set"])
+        first_is_distractor += names[0] not in expected
+        last_is_distractor += names[-1] not in expected
+        assert list(json.loads(record["codes"])) == names  # codes follow the same order
+    # Distractors used to be always last: now either end holds one in a fair share of environments.
+    assert 15 <= first_is_distractor <= 65 and 15 <= last_is_distractor <= 65
+
+
+def test_scaling_problem_names_a_strategy_that_is_missing() -> None:
+    candidate = _candidate("Single-Hop", 11, functional_generalization=1.0, parameter_expansion=1.0,
+                           parameter_type_generalization=1.0, min_distractors=2, max_distractors=2)
+    assert procedural.scaling_problem(candidate, min_distractors=2) is None
+    tools = json.loads(candidate.record["tools"])
+
+    def with_tools(changed: list[dict], **scaling) -> procedural.Candidate:
+        record = {**candidate.record, "tools": json.dumps(changed)}
+        return procedural.Candidate(record, candidate.id_combination, candidate.invalid_calls,
+                                    candidate.distractor_calls, {**candidate.scaling, **scaling})
+
+    no_field = json.loads(json.dumps(tools))
+    del no_field[0]["function"]["parameters"]["properties"]["field"]
+    problem = procedural.scaling_problem(with_tools(no_field), 2)
+    assert problem == f"{tools[0]['function']['name']}: functional_generalization drawn but missing"
+    assert "parameter_expansion present but not drawn" in procedural.scaling_problem(
+        with_tools(tools, parameter_expansion=False), 2)
+    assert procedural.scaling_problem(with_tools(tools[:-1]), 2).startswith("1 distractor tool(s)")
+    no_items = json.loads(json.dumps(tools))
+    del next(iter(no_items[1]["function"]["parameters"]["properties"].values()))["items"]
+    assert "parameter_type_generalization drawn but missing" in procedural.scaling_problem(with_tools(no_items), 2)
+
+
+def test_build_report_explains_every_rejection_and_reaches_the_run_manifest(tmp_path: Path) -> None:
+    from omegaconf import OmegaConf
+
+    from ftrl.artifacts import RunDir, read_json
+    from ftrl.config import load_run_config
+    from ftrl.run_state import RunContext
+    from ftrl.stages import build_envs
+
+    cfg = load_run_config(OmegaConf.create({"run_dir": str(tmp_path / "run"), "envs": {
+        "name": "procedural", "procedural": {"num_train": 16, "num_test": 8, "id_pool_size": 8}}}))
+    ctx = RunContext(cfg=cfg, run_dir=RunDir(cfg.run_dir))
+    build_envs(ctx)
+    build = read_json(ctx.run_dir.envs_manifest)["source_manifest"]["build"]
+    assert build["scaling"]["train"]["unscaled"] == 0 and build["scaling"]["train"]["distractors"] == 16
+    assert build["rejected"] and set(build["reasons"]) == set(build["rejected"])  # a small pool: some redraws
+    assert build["reasons"]["value_pool_exhausted"] == procedural.REASONS["value_pool_exhausted"]
+    assert "seconds" not in build and "gate_seconds" not in build  # the manifest stays reproducible
+
+    report = procedural.BuildReport(seed=0)
+    candidate = _candidate("Single-Hop", 1)
+    for _ in range(5):
+        report.reject(procedural.HOP_LEAK, candidate, "evidence")
+    assert report.rejected == {procedural.HOP_LEAK: 5} and len(report.examples) == procedural.MAX_EXAMPLES
+    assert report.reasons[procedural.HOP_LEAK].startswith("a gold output already holds the sub-answer")
+    assert report.examples[0] == {"reason": procedural.HOP_LEAK, "question": candidate.question, "detail": "evidence"}

@@ -119,3 +119,18 @@ def test_the_reward_curve_has_integer_steps_a_legend_in_words_and_the_reward_var
     for axes in (top, bottom):
         ticks = [tick for tick in axes.get_xticks() if axes.get_xlim()[0] <= tick <= axes.get_xlim()[1]]
         assert ticks and all(float(tick).is_integer() for tick in ticks), ticks
+
+
+def test_the_reward_curve_of_a_ppo_run_has_a_critic_panel() -> None:
+    rows = [{"round": 1, "step": step + 1, "reward/score": 0.1 * step, "reward/calls": 0.5,
+             "critic/explained_var": -0.5 + 0.2 * step, "critic/vf_loss": 0.09 - 0.01 * step}
+            for step in range(5)]
+    figure = reward_curve_figure(rows)
+    FigureCanvasAgg(figure).draw()
+    _, _, critic = figure.axes
+    assert [text.get_text() for text in critic.get_legend().get_texts()] == [
+        "critic explained variance", "critic value loss"]
+    explained, loss = (line.get_ydata() for line in critic.get_lines()[:2])
+    assert list(explained) == pytest.approx([-0.5, -0.3, -0.1, 0.1, 0.3])
+    assert list(loss) == pytest.approx([0.09, 0.08, 0.07, 0.06, 0.05])
+    assert critic.get_xlabel() == "training step (all rounds)"

@@ -157,6 +157,9 @@ def test_preflight_names_every_missing_input(tmp_path: Path, monkeypatch: pytest
     stored = _config(tmp_path / "set", "envs=set", "+envs.mix={mine: 1.0}", f"envs.sets_dir={tmp_path}/sets")
     assert preflight(stored) == [(f"envs.mix.mine: no stored env set 'mine' in {tmp_path}/sets "
                                  "(python -m ftrl.envs.sets list)")]
+    qa = _config(tmp_path / "qa", "envs=llm", "envs.llm.api.api_key_env=''", "envs.llm.seed_source.kind=datasets",
+                 f"envs.llm.seed_source.path={tmp_path}/qa.parquet")
+    assert [p.split(":")[0] for p in preflight(qa)] == ["envs.llm.seed_source.path"]
     with pytest.raises(MissingInputError, match="nothing was run"):
         run_pipeline(cfg)
 

@@ -222,6 +222,7 @@ def test_paper_settings_pass_verls_validate_config(verl_base: Any, model_dir: st
     if algorithm == "ppo":
         assert config.critic.model.path == model_dir and config.critic.optim.lr == 1e-5
         assert config.critic.cliprange_value == 0.5
+        assert config.critic.ppo_epochs == 1 and config.trainer.critic_warmup == 0
     assert config.trainer.total_training_steps == 9
 
 

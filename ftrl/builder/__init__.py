@@ -1,15 +1,17 @@
 """LLM environment builder (``envs=llm``): the paper's five stages, quality gates, versioned env sets.
 
-A seed task (a question from ``envs.llm.seed_file``, or one the LLM writes for a topic in
-``envs.llm.topics``) goes through
+A seed task (a question from ``envs.llm.seed_file``, a QA row with its gold answer from
+``envs.llm.seed_source``, or one the LLM writes for a topic in ``envs.llm.topics``; ``seeds``) goes
+through
 
 1. scenario decomposition (``stages.decompose``): scenario type, sub-questions with sub-answers and
-   their dependencies, final answer;
-2. document generation (``stages.document``): one OpenAI function schema per sub-question;
+   their dependencies, final answer (a gold answer, verbatim);
+2. document generation (``stages.document``): exactly one OpenAI function schema per sub-question;
 3. function integration (``stages.integrate``): overlapping tools merged, n -> m <= n, with the map
-   from each sub-question to the tool and call that answers it;
+   from each sub-question to the tool and call that answers it and ``merged_from``;
 4. complexity scaling (``stages.scale``): functional generalisation, parameter expansion,
-   parameter-type generalisation and distractor tools, each a knob with a strength;
+   parameter-type generalisation and distractor tools, each a knob with a strength (on by default,
+   each drawn strategy checked and turned into gate probes by ``scaling``);
 5. localized deployment (``stages.deploy``): Python source per tool;
 
 then the quality gates (``gate``) before it is kept. Each stage has a prompt template in

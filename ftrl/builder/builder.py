@@ -6,13 +6,19 @@ then the quality gates (``ftrl.builder.gate``), and stores the surviving environ
 (``ftrl.envs.sets``): reference records with ``gold_calls``, a manifest (builder model and endpoint,
 prompt hashes, knobs, statistics per scenario, token and cost accounting) and ``report.json``, which
 says for each stage how many items entered and left it and, for each seed task that did not become
-an environment, the stage, the reason and the evidence.
+an environment, the stage, the reason and the evidence; per scaling strategy how often it was drawn,
+applied (stage 4 checked it), rejected (stage 4 or the gate's probes blamed it) and kept; and per
+kept environment where it came from (seed origin, gold answer, ``merged_from``, strategies).
+
+Seeds: ``envs.llm.seed_file`` (JSONL questions), ``envs.llm.seed_source`` (a QA dataset with gold
+answers, ``ftrl.builder.seeds``) and ``envs.llm.topics`` (questions the LLM writes) add up.
 
 Every LLM request goes through the request-keyed cache (``<envs.sets_dir>/.cache/llm`` unless
 ``envs.llm.cache_dir`` says otherwise): re-running with the same inputs sends no request and gives
 the same set; a killed or partly failed build resumes per task and per stage.
 
     python -m ftrl.builder seed_file=questions.jsonl model=gpt-4o-mini set_name=mine
+    python -m ftrl.builder seed_source.kind=jsonl seed_source.path=qa.jsonl seed_source.question_field=query
     python -m ftrl.builder topics='[weather,movies]' model=Qwen/Qwen3-8B \\
         api.base_url=http://localhost:8000/v1 api.api_key_env='' --sets-dir outputs/env_sets
     python -m ftrl.run stages=[build_envs] envs=llm envs.llm.seed_file=questions.jsonl
@@ -34,8 +40,9 @@ from typing import Any
 from ftrl.builder.gate import gate_envs, reference_check
 from ftrl.builder.llm import CachingChatEngine, LazyEngine, Ledger, LLMCache, StructuredLLM
 from ftrl.builder.prompts import PromptSet, load_prompts
-from ftrl.builder.records import SeedTask, StageFailure
-from ftrl.builder.seeds import assign_split, read_seed_file, remove_near_duplicates
+from ftrl.builder.records import SeedTask, StageFailure, tool_name
+from ftrl.builder.scaling import STRATEGIES
+from ftrl.builder.seeds import assign_split, read_seed_file, read_seed_source, remove_near_duplicates
 from ftrl.builder.stages import (
     Knobs,
     StageContext,
@@ -53,6 +60,7 @@ from ftrl.types import SPLITS
 log = logging.getLogger(__name__)
 
 STAGE_ORDER: tuple[str, ...] = (
+    "seeds",
     "topics",
     "dedup",
     "decompose",
@@ -82,6 +90,9 @@ class BuildReport:
     kept: dict[str, dict[str, int]] = field(default_factory=dict)
     usage: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
+    # strategy -> {"drawn", "applied", "rejected", "kept"} (drawn - rejected - kept: lost to other reasons)
+    scaling: dict[str, dict[str, int]] = field(default_factory=dict)
+    envs: list[dict[str, Any]] = field(default_factory=list)  # per kept environment: where it came from
 
     def record(self, stage: str, entered: int, passed: int, failures: Sequence[StageFailure]) -> None:
         self.stages.append(
@@ -93,7 +104,9 @@ class BuildReport:
         return {
             "stages": [asdict(s) for s in self.stages],
             "kept": self.kept,
+            "scaling": self.scaling,
             "failures": [f.to_dict() for f in self.failures],
+            "envs": self.envs,
             "usage": self.usage,
             "seconds": round(self.seconds, 3),
         }
@@ -106,8 +119,13 @@ class BuildReport:
         )
         kept = ", ".join(f"{split}={sum(c.values())}" for split, c in self.kept.items())
         run = self.usage.get("this_run", {})
+        scaling = "; ".join(
+            f"{name} drawn {c['drawn']}, applied {c['applied']}, rejected {c['rejected']}, kept {c['kept']}"
+            for name, c in self.scaling.items()
+        )
         return (
-            f"llm envs: kept {kept} in {self.seconds:.1f}s; {flow}; requests {run.get('requests', 0)} "
+            f"llm envs: kept {kept} in {self.seconds:.1f}s; {flow}; scaling: {scaling or 'none'}; "
+            f"requests {run.get('requests', 0)} "
             f"(cache hits {run.get('cache_hits', 0)}, repairs {run.get('repairs', 0)}), "
             f"cost ${run.get('cost_usd', 0.0):.4f} this run, "
             f"${self.usage.get('total', {}).get('total_cost_usd', 0.0):.4f} in total"
@@ -178,15 +196,20 @@ def _knobs(cfg: LLMBuildConfig) -> Knobs:
 def _seed_tasks(
     cfg: LLMBuildConfig, ctx: StageContext, report: BuildReport, cache: LLMCache
 ) -> tuple[list[SeedTask], dict[str, str]]:
-    """Seed tasks (from the file and/or generated per topic), near-duplicates removed, and their splits."""
+    """Seed tasks (file, QA source, topics), near-duplicates removed, and their splits."""
     seeds = read_seed_file(cfg.seed_file) if cfg.seed_file else []
+    if cfg.seed_source.kind is not None:
+        sourced, failures = read_seed_source(cfg.seed_source)
+        report.record("seeds", len(sourced) + len(failures), len(sourced), failures)
+        seeds += sourced
     if cfg.topics:
         generated, failures = generate_seeds(cfg.topics, cfg.tasks_per_topic, dict(cfg.scenario_weights), ctx)
         report.record("topics", len(cfg.topics), len(cfg.topics) - len(failures), failures)
         seeds += generated
     if not seeds and not report.failures:
         raise ValueError(
-            "envs.llm: no seed tasks; set envs.llm.seed_file (a JSONL of questions) or envs.llm.topics"
+            "envs.llm: no seed tasks; set envs.llm.seed_file (a JSONL of questions), envs.llm.seed_source "
+            "(a QA dataset with gold answers) or envs.llm.topics"
         )
     if cfg.max_tasks is not None:
         seeds = seeds[: cfg.max_tasks]
@@ -204,8 +227,13 @@ def _seed_tasks(
     return tasks, splits
 
 
-def _run_stages(tasks: list[SeedTask], ctx: StageContext, report: BuildReport) -> Any:
-    """The five builder stages in order; each stage's survivors enter the next."""
+def _run_stages(tasks: list[SeedTask], ctx: StageContext, report: BuildReport) -> tuple[Any, dict[str, Any]]:
+    """The five builder stages in order; each stage's survivors enter the next.
+
+    Returns the deployed items and, per stage, the items that entered it (the scaling counts need
+    the scale stage's input).
+    """
+    entered: dict[str, Any] = {}
     items: Any = tasks
     for name, stage in (
         ("decompose", decompose),
@@ -214,6 +242,7 @@ def _run_stages(tasks: list[SeedTask], ctx: StageContext, report: BuildReport) -
         ("scale", scale),
         ("deploy", deploy),
     ):
+        entered[name] = items
         outputs, failures = stage(items, ctx)
         report.record(name, len(items), len(outputs), failures)
         log.info(
@@ -224,7 +253,50 @@ def _run_stages(tasks: list[SeedTask], ctx: StageContext, report: BuildReport) -
             f" ({dict(Counter(f.reason for f in failures))})" if failures else "",
         )
         items = outputs
-    return items
+    return items, entered
+
+
+def scaling_counts(
+    knobs: Knobs, entered: Sequence[Any], scaled: Sequence[Any], failures: Sequence[StageFailure], kept: Sequence[Any]
+) -> dict[str, dict[str, int]]:
+    """Per strategy: tasks it was drawn for (entering stage 4), applied to (stage 4 checked it),
+    rejected for (stage 4 or the gate blamed it) and kept with it in the set."""
+    counts = {name: {"drawn": 0, "applied": 0, "rejected": 0, "kept": 0} for name in STRATEGIES}
+    for item in entered:
+        for name in knobs.draw(item.scenario.task.task_id)[0]:
+            counts[name]["drawn"] += 1
+    for item in scaled:
+        for name in item.strategies:
+            counts[name]["applied"] += 1
+    for failure in failures:
+        for name in dict.fromkeys(failure.strategies):
+            counts[name]["rejected"] += 1
+    for item, _ in kept:
+        for name in item.toolset.strategies:
+            counts[name]["kept"] += 1
+    return counts
+
+
+def provenance(kept: Sequence[Any]) -> list[dict[str, Any]]:
+    """Where each kept environment came from: its seed, gold answer, stage-2 tools and how they merged."""
+    rows = []
+    for item, record in kept:
+        toolset = item.toolset
+        task = toolset.scenario.task
+        rows.append({
+            "task_id": task.task_id,
+            "split": record["split"],
+            "scenario": record["data_source"],
+            "origin": task.origin,
+            "gold_answer": task.reference_answer,
+            "documented_tools": sorted(set(toolset.documented.values())),
+            "tools": [tool_name(tool) for tool in toolset.tools],
+            "merged_from": toolset.merged_from,
+            "distractors": [tool_name(tool) for tool in toolset.distractors],
+            "strategies": list(toolset.strategies),
+            "probes": len(toolset.probes),
+        })
+    return rows
 
 
 def _gate(
@@ -321,6 +393,9 @@ def _manifest(cfg: LLMBuildConfig, prompts: PromptSet, report: BuildReport) -> d
         "seeds": {
             "seed_file": cfg.seed_file,
             "seed_file_sha256": _file_sha256(cfg.seed_file),
+            "seed_source": asdict(cfg.seed_source),
+            "seed_source_sha256": _file_sha256(cfg.seed_source.path)
+            if cfg.seed_source.path and Path(cfg.seed_source.path).expanduser().is_file() else None,
             "topics": list(cfg.topics),
             "tasks_per_topic": cfg.tasks_per_topic,
             "test_fraction": cfg.test_fraction,
@@ -333,6 +408,7 @@ def _manifest(cfg: LLMBuildConfig, prompts: PromptSet, report: BuildReport) -> d
             "reference_model": cfg.reference_model or cfg.model,
             "reference_max_turns": cfg.reference_max_turns,
         },
+        "scaling": report.scaling,
         "usage": {key: report.usage[key] for key in ("this_run", "total")},
         "build": {
             s.stage: {"entered": s.entered, "passed": s.passed, "failed": s.failed} for s in report.stages
@@ -354,8 +430,12 @@ def build_env_set(
     report = BuildReport()
 
     tasks, splits = _seed_tasks(cfg, ctx, report, cache)
-    items = _run_stages(tasks, ctx, report)
+    items, entered = _run_stages(tasks, ctx, report)
     kept, reference_ledger = _gate(cfg, items, splits, cache, engine_factory, report)
+    report.scaling = scaling_counts(
+        ctx.knobs, entered.get("scale", []), entered.get("deploy", []), report.failures, kept
+    )
+    report.envs = provenance(kept)
 
     records = _records_by_split(kept)
     report.kept = {

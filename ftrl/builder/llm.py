@@ -47,11 +47,14 @@ API_ERROR = "api_error"
 class StageError(Exception):
     """An item failed a stage; ``reason`` is a short key for the report, ``detail`` the evidence."""
 
-    def __init__(self, reason: str, detail: str = "", transient: bool = False) -> None:
+    def __init__(
+        self, reason: str, detail: str = "", transient: bool = False, strategies: list[str] | None = None
+    ) -> None:
         super().__init__(f"{reason}: {detail}")
         self.reason = reason
         self.detail = detail
         self.transient = transient
+        self.strategies = list(strategies or [])  # scaling strategies to blame (stage 4)
 
 
 def request_key(payload: Mapping[str, Any]) -> str:

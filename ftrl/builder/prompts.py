@@ -25,8 +25,8 @@ STAGES: tuple[str, ...] = ("seed", "decompose", "document", "integrate", "scale"
 # Placeholders each template may use (an override that uses another one fails at load time).
 VARIABLES: dict[str, tuple[str, ...]] = {
     "seed": ("topic", "count", "scenarios"),
-    "decompose": ("question", "hints"),
-    "document": ("question", "sub_questions"),
+    "decompose": ("question", "hints", "grounding"),
+    "document": ("question", "sub_questions", "count"),
     "integrate": ("question", "tools", "calls"),
     "scale": ("question", "tools", "calls", "strategies", "num_distractors"),
     "deploy": ("tools", "cases", "distractors", "answers"),

@@ -23,7 +23,9 @@ class SeedTask:
     origin: str  # "file:<path>:<line>" or "topic:<topic>"
     split: str | None = None  # train | test; None: assigned by envs.llm.test_fraction
     scenario: str | None = None  # a requested scenario type (topic-generated seeds), else the LLM decides
-    reference_answer: str | None = None  # a known final answer from the seed file, checked if given
+    # The gold final answer (seed_file "answer", a seed_source row's answer field): the environment's
+    # final answer is exactly this, checked by decompose and again by the gate.
+    reference_answer: str | None = None
 
 
 @dataclass
@@ -83,20 +85,54 @@ class Documented:
 
 
 @dataclass
+class Probe:
+    """A call the gate makes to check one scaled feature (stage 4) of an answering tool.
+
+    Built from a gold call: the same tool and arguments with one scaled feature exercised (another
+    value of a functional-generalisation selector, a new optional parameter, the gold value in an
+    alternative type or in the array form). ``expect_answer``: the output must contain the
+    sub-answer (same question, other form); otherwise it must merely work (another fact).
+    """
+
+    strategy: str
+    feature: str  # e.g. "optional parameter 'unit'", "type integer of 'city'", "array form of 'city'"
+    parameter: str  # the one parameter it varies
+    sub_question_id: str
+    name: str
+    arguments: dict[str, Any]
+    expect_answer: bool = True
+
+    def as_call(self) -> dict[str, Any]:
+        return {"name": self.name, "arguments": copy.deepcopy(self.arguments)}
+
+
+@dataclass
 class ToolSet:
     """Stages 3-4 output: the (merged, scaled) tools, the gold calls, and any distractor tools."""
 
     scenario: Scenario
     tools: list[dict[str, Any]]
     calls: list[GoldCall]
-    merged_from: dict[str, list[str]] = field(default_factory=dict)  # integrated tool -> document tools
+    # Each tool -> the stage-2 (document) tools it came from, one per sub-question it answers.
+    merged_from: dict[str, list[str]] = field(default_factory=dict)
     distractors: list[dict[str, Any]] = field(default_factory=list)
     distractor_calls: list[dict[str, Any]] = field(default_factory=list)  # {"name", "arguments"}
-    strategies: list[str] = field(default_factory=list)  # complexity-scaling strategies applied
+    strategies: list[str] = field(default_factory=list)  # complexity-scaling strategies applied (and checked)
+    probes: list[Probe] = field(default_factory=list)  # calls the gate makes to exercise the scaled features
+    documented: dict[str, str] = field(default_factory=dict)  # sub-question id -> its stage-2 tool
+    features: dict[str, str] = field(default_factory=dict)  # "tool.parameter" -> the strategy that added it
 
     @property
     def all_tools(self) -> list[dict[str, Any]]:
         return self.tools + self.distractors
+
+
+def merged_from(documented: dict[str, str], calls: list[GoldCall]) -> dict[str, list[str]]:
+    """Each tool of ``calls`` -> the stage-2 tools of the sub-questions it answers (sorted, no repeats)."""
+    merged: dict[str, set[str]] = {}
+    for call in calls:
+        merged.setdefault(call.name, set()).add(documented.get(call.sub_question_id, call.name))
+    return {name: sorted(sources) for name, sources in merged.items()}
 
 
 @dataclass
@@ -117,6 +153,7 @@ class StageFailure:
     reason: str
     detail: str = ""
     transient: bool = False  # an endpoint failure: not cached, retried by the next run
+    strategies: list[str] = field(default_factory=list)  # the scaling strategies blamed, if any
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

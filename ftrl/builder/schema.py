@@ -318,6 +318,15 @@ SCALE_SCHEMA = {
                 "properties": {"tool": _TOOL, "example_arguments": _ARGS},
             },
         },
+        # Gold values in an alternative parameter type the builder cannot derive itself (optional).
+        "alternatives": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "required": ["sub_question_id", "parameter", "value"],
+                "properties": {"sub_question_id": _STRING, "parameter": _STRING},
+            },
+        },
     },
 }
 

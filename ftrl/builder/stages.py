@@ -6,14 +6,18 @@ stage              in -> out                   what the LLM is asked; what is ch
 seed (optional)    topics -> SeedTask          questions about a topic, one per requested scenario type
 decompose          SeedTask -> Scenario        sub-questions, sub-answers, dependencies, final answer;
                                                the declared scenario must match the dependency graph,
-                                               every part of the final answer must be some sub-answer
-document           Scenario -> Documented      one OpenAI function schema + answering call per
-                                               sub-question; schemas valid, calls satisfy them, a
-                                               dependent call takes its dependency's answer as input
-integrate          Documented -> ToolSet       merge overlapping tools (n -> m <= n) with the map from
-                                               sub-question to tool and call; skipped when n == 1
+                                               every part of the final answer must be some sub-answer;
+                                               a gold answer (QA seeds) is the final answer, verbatim
+document           Scenario -> Documented      exactly one OpenAI function schema + answering call per
+                                               sub-question (n tools for n sub-questions); schemas valid,
+                                               calls satisfy them, a dependent call takes its
+                                               dependency's answer as input
+integrate          Documented -> ToolSet       merge overlapping tools (n -> m <= n), every tool used, with
+                                               ``merged_from`` (each tool -> its stage-2 tools); skipped
+                                               when n == 1
 scale              ToolSet -> ToolSet          the complexity-scaling strategies drawn for this task
-                                               (knobs of envs.llm); skipped when none was drawn
+                                               (knobs of envs.llm, every one checked and turned into
+                                               probes by ``ftrl.builder.scaling``); skipped when none
 deploy             ToolSet -> Deployed         Python source per tool: one top-level ``def name(...)``
                                                that compiles and accepts the schema's parameters
 =================  ==========================  ===========================================================
@@ -48,8 +52,10 @@ from ftrl.builder.records import (
     StageFailure,
     SubQuestion,
     ToolSet,
+    merged_from,
     tool_name,
 )
+from ftrl.builder.scaling import SCALING_NOT_APPLIED, STRATEGIES, STRATEGY_TEXT, ScaleCheck
 from ftrl.builder.schema import (
     DECOMPOSE_SCHEMA,
     DEPLOY_SCHEMA,
@@ -62,7 +68,8 @@ from ftrl.builder.schema import (
     classify_structure,
     validate,
 )
-from ftrl.envs.verify import answer_verify
+from ftrl.config import SCALING
+from ftrl.envs.verify import answer_verify, normalise_answer
 from ftrl.llm.engines.openai import MissingAPIKeyError
 from ftrl.types import SCENARIOS
 
@@ -71,42 +78,22 @@ log = logging.getLogger(__name__)
 In = TypeVar("In")
 Out = TypeVar("Out")
 
-STRATEGIES: tuple[str, ...] = (
-    "functional_generalization",
-    "parameter_expansion",
-    "parameter_type_generalization",
-    "distractors",
-)
-STRATEGY_TEXT = {
-    "functional_generalization": (
-        "Functional generalisation: make the tools more general, e.g. get_city_population(city) becomes "
-        "get_city_info(city, field) where field is an enum of the facts the tool knows; the calls pass "
-        "the field."
-    ),
-    "parameter_expansion": (
-        "Parameter expansion: add parameters to the tools, at least one required one (e.g. a unit or an "
-        "output format, as an enum) and one optional one; the calls pass every required parameter."
-    ),
-    "parameter_type_generalization": (
-        "Parameter-type generalisation: let at least one parameter accept several types, e.g. "
-        '"type": ["string", "integer"], or one value or an array of values.'
-    ),
-    "distractors": (
-        "Distractor tools: add {n} tool(s) from the same domain that answer none of the sub-questions."
-    ),
-}
 SCENARIO_KEYS: dict[str, str] = {name.lower().replace(" ", "_").replace("-", "_"): name for name in SCENARIOS}
 
 
 @dataclass
 class Knobs:
-    """Complexity-scaling knobs (probabilities per environment, and a distractor range)."""
+    """Complexity-scaling knobs (probabilities per environment, and a distractor range).
 
-    functional_generalization: float = 0.0
-    parameter_expansion: float = 0.0
-    parameter_type_generalization: float = 0.0
-    min_distractors: int = 0
-    max_distractors: int = 0
+    The defaults are the one shared default of both builders (``ftrl.config.SCALING``): all four
+    strategies on, so ``python -m ftrl.builder`` with no flags scales every environment.
+    """
+
+    functional_generalization: float = SCALING.functional_generalization
+    parameter_expansion: float = SCALING.parameter_expansion
+    parameter_type_generalization: float = SCALING.parameter_type_generalization
+    min_distractors: int = SCALING.min_distractors
+    max_distractors: int = SCALING.max_distractors
     seed: int = 0
 
     def draw(self, task_id: str) -> tuple[list[str], int]:
@@ -152,7 +139,7 @@ def run_stage(
             return work(item, ctx.ledger(task.task_id))
         except StageError as error:
             return StageFailure(
-                task.task_id, task.question, stage, error.reason, error.detail, error.transient
+                task.task_id, task.question, stage, error.reason, error.detail, error.transient, error.strategies
             )
         except MissingAPIKeyError:
             raise  # a setup error: every item would fail the same way
@@ -291,48 +278,64 @@ def _dependency_errors(sub_questions: list[dict[str, Any]]) -> list[str]:
     return errors
 
 
+GROUNDED = (
+    "- The gold answer to the question is known: {gold}. \"final_answer\" must be exactly this text. The "
+    "sub-answers are the true facts that lead to it, and the last hop's answer contains it; do not invent or "
+    "alter facts. Where you do not know an intermediate fact, decompose so that every fact used is one you know."
+)
+UNGROUNDED = (
+    "- Use true facts where they are known. Only where the truth cannot be known (live data such as today's "
+    "weather, private records) choose plausible concrete answers: the environment is a simulation whose tools "
+    "will return them."
+)
+
+
+def same_answer(a: str, b: str) -> bool:
+    """Equal in the reference's comparison form (case, commas, outer and inner whitespace ignored)."""
+    return " ".join(normalise_answer(a).split()) == " ".join(normalise_answer(b).split())
+
+
+def _decompose_errors(value: Any, task: SeedTask) -> list[str]:
+    errors = validate(value, DECOMPOSE_SCHEMA)
+    if errors:
+        return errors
+    subs = value["sub_questions"]
+    errors = _dependency_errors(subs)
+    if errors:
+        return errors
+    structure = classify_structure({str(sq["id"]): [str(d) for d in sq["depends_on"]] for sq in subs})
+    if structure != value["scenario"]:
+        errors.append(f"$.scenario is '{value['scenario']}' but the dependencies describe '{structure}'")
+    if task.scenario and value["scenario"] != task.scenario:
+        errors.append(f"$.scenario must be '{task.scenario}' (requested), got '{value['scenario']}'")
+    answers = [str(sq["answer"]).strip() for sq in subs]
+    if any(not answer for answer in answers):
+        errors.append("every sub-question needs a non-empty answer")
+    final = str(value["final_answer"]).strip()
+    if task.reference_answer is not None and not same_answer(final, task.reference_answer):
+        errors.append(f"$.final_answer is {final!r} but the gold answer is {task.reference_answer!r}; "
+                      "final_answer must be exactly the gold answer")
+        final = task.reference_answer
+    for part in final.split(", "):
+        if not any(answer_verify(answer, part) for answer in answers):
+            errors.append(f"final answer part {part!r} is not contained in any sub-answer {answers}")
+    return errors
+
+
 def decompose(tasks: Sequence[SeedTask], ctx: StageContext) -> tuple[list[Scenario], list[StageFailure]]:
-    """Stage 1: scenario type, sub-questions with sub-answers and dependencies, final answer."""
+    """Stage 1: scenario type, sub-questions with sub-answers and dependencies, final answer.
+
+    With a gold answer the final answer is the gold answer verbatim (compared in the reference's
+    normal form, then replaced by it), so the environment is grounded in the dataset's answer.
+    """
 
     def work(task: SeedTask, ledger: Ledger) -> Scenario:
-        hints = []
-        if task.scenario:
-            hints.append(f"Scenario type to build: {task.scenario}")
-        if task.reference_answer:
-            hints.append(f"The final answer is known: {task.reference_answer}")
-        prompt = ctx.prompts["decompose"].render(
-            question=task.question, hints=("\n".join(hints) + "\n") if hints else ""
-        )
-
-        def check(value: Any) -> list[str]:
-            errors = validate(value, DECOMPOSE_SCHEMA)
-            if errors:
-                return errors
-            subs = value["sub_questions"]
-            errors = _dependency_errors(subs)
-            if errors:
-                return errors
-            structure = classify_structure({str(sq["id"]): [str(d) for d in sq["depends_on"]] for sq in subs})
-            if structure != value["scenario"]:
-                errors.append(
-                    f"$.scenario is '{value['scenario']}' but the dependencies describe '{structure}'"
-                )
-            if task.scenario and value["scenario"] != task.scenario:
-                errors.append(f"$.scenario must be '{task.scenario}' (requested), got '{value['scenario']}'")
-            answers = [str(sq["answer"]).strip() for sq in subs]
-            if any(not answer for answer in answers):
-                errors.append("every sub-question needs a non-empty answer")
-            final = str(value["final_answer"]).strip()
-            for part in final.split(", "):
-                if not any(answer_verify(answer, part) for answer in answers):
-                    errors.append(f"final answer part {part!r} is not contained in any sub-answer {answers}")
-            if task.reference_answer and not answer_verify(final, task.reference_answer):
-                errors.append(
-                    f"$.final_answer {final!r} does not contain the known answer {task.reference_answer!r}"
-                )
-            return errors
-
-        value = ctx.llm.ask(prompt, check, ledger)
+        hints = f"Scenario type to build: {task.scenario}\n" if task.scenario else ""
+        grounding = GROUNDED.format(gold=json.dumps(task.reference_answer, ensure_ascii=False)) if (
+            task.reference_answer is not None) else UNGROUNDED
+        prompt = ctx.prompts["decompose"].render(question=task.question, hints=hints, grounding=grounding)
+        value = ctx.llm.ask(prompt, lambda reply: _decompose_errors(reply, task), ledger)
+        final = str(value["final_answer"]).strip()
         return Scenario(
             task=task,
             scenario_type=value["scenario"],
@@ -345,7 +348,7 @@ def decompose(tasks: Sequence[SeedTask], ctx: StageContext) -> tuple[list[Scenar
                 )
                 for sq in value["sub_questions"]
             ],
-            final_answer=str(value["final_answer"]).strip(),
+            final_answer=task.reference_answer if task.reference_answer is not None else final,
         )
 
     return run_stage("decompose", tasks, work, ctx)
@@ -392,6 +395,9 @@ def check_calls(scenario: Scenario, tools: list[dict[str, Any]], calls: list[dic
                     f"the call for '{sub_id}' depends on {deps} but none of their answers {dep_answers} "
                     "appears in its arguments"
                 )
+    unused = [name for name in by_name if name not in {call["name"] for call in calls}]
+    if unused:
+        errors.append(f"tool(s) {unused} answer no sub-question; every tool needs a call (remove the others)")
     return errors
 
 
@@ -427,12 +433,42 @@ def _calls_view(scenario: Scenario, calls: list[GoldCall]) -> str:
 
 
 # ------------------------------------------------------------------------------------ 2. document
+def _document_errors(value: Any, scenario: Scenario) -> list[str]:
+    """Exactly one tool per sub-question, each its own name; schemas valid; the calls fit them."""
+    errors = validate(value, DOCUMENT_SCHEMA)
+    if errors:
+        return errors
+    tools = [entry["tool"] for entry in value["tools"]]
+    for index, tool in enumerate(tools):
+        errors.extend(check_tool_schema(tool, f"$.tools[{index}].tool"))
+    if errors:
+        return errors
+    ids = [sq.id for sq in scenario.sub_questions]
+    if len(tools) != len(ids):
+        errors.append(
+            f"$.tools: write exactly one tool per sub-question ({len(ids)} sub-questions {ids}), got {len(tools)}"
+        )
+    names = [tool_name(tool) for tool in tools]
+    shared = sorted({name for name in names if names.count(name) > 1})
+    if shared:
+        errors.append(
+            f"tool name(s) {shared} are used for several sub-questions; give every sub-question its own tool "
+            "(the integrate stage merges them later)"
+        )
+    calls = [
+        {"sub_question_id": e["sub_question_id"], "name": tool_name(e["tool"]), "arguments": e["arguments"]}
+        for e in value["tools"]
+    ]
+    return errors + check_calls(scenario, tools, calls)
+
+
 def document(scenarios: Sequence[Scenario], ctx: StageContext) -> tuple[list[Documented], list[StageFailure]]:
-    """Stage 2: one tool document (OpenAI function schema) and its answering call per sub-question."""
+    """Stage 2: exactly one tool document (OpenAI function schema) and its answering call per sub-question."""
 
     def work(scenario: Scenario, ledger: Ledger) -> Documented:
         prompt = ctx.prompts["document"].render(
             question=scenario.task.question,
+            count=len(scenario.sub_questions),
             sub_questions=_dump(
                 [
                     {"id": sq.id, "question": sq.question, "answer": sq.answer, "depends_on": sq.depends_on}
@@ -440,60 +476,46 @@ def document(scenarios: Sequence[Scenario], ctx: StageContext) -> tuple[list[Doc
                 ]
             ),
         )
-
-        def check(value: Any) -> list[str]:
-            errors = validate(value, DOCUMENT_SCHEMA)
-            if errors:
-                return errors
-            tools = [entry["tool"] for entry in value["tools"]]
-            for index, tool in enumerate(tools):
-                errors.extend(check_tool_schema(tool, f"$.tools[{index}].tool"))
-            if errors:
-                return errors
-            # One tool per sub-question; two sub-questions may share a tool only with one identical schema.
-            by_name: dict[str, dict] = {}
-            for tool in tools:
-                if tool_name(tool) in by_name and by_name[tool_name(tool)] != tool:
-                    errors.append(f"two different tools are named '{tool_name(tool)}'; rename one")
-                by_name.setdefault(tool_name(tool), tool)
-            calls = [
-                {
-                    "sub_question_id": e["sub_question_id"],
-                    "name": tool_name(e["tool"]),
-                    "arguments": e["arguments"],
-                }
-                for e in value["tools"]
-            ]
-            return errors + check_calls(scenario, list(by_name.values()), calls)
-
-        value = ctx.llm.ask(prompt, check, ledger)
-        tools: dict[str, dict] = {}
-        for entry in value["tools"]:
-            tools.setdefault(tool_name(entry["tool"]), entry["tool"])
+        value = ctx.llm.ask(prompt, lambda reply: _document_errors(reply, scenario), ledger)
         calls = [
-            {
-                "sub_question_id": e["sub_question_id"],
-                "name": tool_name(e["tool"]),
-                "arguments": e["arguments"],
-            }
+            {"sub_question_id": e["sub_question_id"], "name": tool_name(e["tool"]), "arguments": e["arguments"]}
             for e in value["tools"]
         ]
-        return Documented(scenario, list(tools.values()), _gold_calls(calls, scenario))
+        return Documented(scenario, [entry["tool"] for entry in value["tools"]], _gold_calls(calls, scenario))
 
     return run_stage("document", scenarios, work, ctx)
 
 
 # ------------------------------------------------------------------------------------ 3. integrate
+def _merged_from_errors(claimed: Any, derived: dict[str, list[str]]) -> list[str]:
+    """The reply's ``merged_from`` must say what its calls say (each tool -> the tools it replaces)."""
+    if claimed is None:
+        return []
+    claimed = {str(k): sorted(str(x) for x in v) for k, v in claimed.items()}
+    if claimed == derived:
+        return []
+    return [
+        (f"$.merged_from is {json.dumps(claimed)} but the calls say {json.dumps(derived)} (each tool maps to the "
+        "input tools of the sub-questions it answers)")
+    ]
+
+
 def integrate(
     documented: Sequence[Documented], ctx: StageContext
 ) -> tuple[list[ToolSet], list[StageFailure]]:
-    """Stage 3: merge tools with overlapping function (n -> m <= n); one tool needs no LLM call."""
+    """Stage 3: merge tools with overlapping function (n -> m <= n); one tool needs no LLM call.
+
+    Each sub-question's stage-2 tool is kept (``ToolSet.documented``), so ``merged_from`` (each
+    tool -> the stage-2 tools it came from) follows from the calls; a reply's own ``merged_from``
+    must agree with it.
+    """
 
     def work(item: Documented, ledger: Ledger) -> ToolSet:
         scenario = item.scenario
+        documented_by = {call.sub_question_id: call.name for call in item.calls}
         if len(item.tools) == 1:
-            name = tool_name(item.tools[0])
-            return ToolSet(scenario, item.tools, item.calls, merged_from={name: [name]})
+            return ToolSet(scenario, item.tools, item.calls, merged_from(documented_by, item.calls),
+                           documented=documented_by)
         prompt = ctx.prompts["integrate"].render(
             question=scenario.task.question, tools=_dump(item.tools), calls=_calls_view(scenario, item.calls)
         )
@@ -509,36 +531,34 @@ def integrate(
                 errors.append(
                     f"integration must not add tools: {len(item.tools)} in, {len(value['tools'])} out"
                 )
-            return errors + check_calls(scenario, value["tools"], value["calls"])
+            errors += check_calls(scenario, value["tools"], value["calls"])
+            if errors:
+                return errors
+            derived = merged_from(documented_by, _gold_calls(value["calls"], scenario))
+            return _merged_from_errors(value.get("merged_from"), derived)
 
         value = ctx.llm.ask(prompt, check, ledger)
-        merged = {str(k): [str(x) for x in v] for k, v in (value.get("merged_from") or {}).items()}
-        return ToolSet(scenario, value["tools"], _gold_calls(value["calls"], scenario), merged_from=merged)
+        calls = _gold_calls(value["calls"], scenario)
+        return ToolSet(scenario, value["tools"], calls, merged_from(documented_by, calls), documented=documented_by)
 
     return run_stage("integrate", documented, work, ctx)
 
 
 # ------------------------------------------------------------------------------------ 4. scale
-def _parameter_count(tools: list[dict[str, Any]]) -> int:
-    return sum(len(tool["function"].get("parameters", {}).get("properties", {})) for tool in tools)
-
-
-def _multi_typed(tools: list[dict[str, Any]]) -> bool:
-    for tool in tools:
-        for spec in tool["function"].get("parameters", {}).get("properties", {}).values():
-            declared = spec.get("type") if isinstance(spec, dict) else None
-            if isinstance(declared, list) and len(declared) > 1:
-                return True
-    return False
-
-
 @dataclass
 class _ScaleRequest:
-    """One task's complexity-scaling request: the strategies drawn for it and how to check the answer."""
+    """One task's complexity-scaling request: the strategies drawn for it and how to check the answer.
+
+    ``check`` keeps the last reply's unmet strategies (``failed``) and probes (``probes``), so a
+    reply that never applies a drawn strategy fails as ``scaling_not_applied`` naming it.
+    """
 
     item: ToolSet
     strategies: list[str]
     num_distractors: int
+    failed: dict[str, list[str]] = field(default_factory=dict)
+    probes: list[Any] = field(default_factory=list)
+    features: dict[str, str] = field(default_factory=dict)
 
     def prompt(self, ctx: StageContext) -> str:
         text = "\n".join(f"- {STRATEGY_TEXT[s].format(n=self.num_distractors)}" for s in self.strategies)
@@ -552,6 +572,7 @@ class _ScaleRequest:
 
     def check(self, value: Any) -> list[str]:
         """Errors of the LLM's answer (empty: accepted), in the order the model is told about them."""
+        self.failed, self.probes, self.features = {}, [], {}
         errors = validate(value, SCALE_SCHEMA)
         if errors:
             return errors
@@ -561,9 +582,18 @@ class _ScaleRequest:
         if errors:
             return errors
         errors = check_calls(self.item.scenario, value["tools"], value["calls"])
-        errors.extend(self._distractor_errors(value))
-        errors.extend(self._strategy_errors(value))
-        return errors
+        if errors:
+            return errors  # the strategies are judged on calls that fit the tools
+        distractor_errors = self._distractor_errors(value)
+        if distractor_errors and "distractors" in self.strategies:
+            self.failed["distractors"] = distractor_errors
+        judged = ScaleCheck(
+            self.strategies, self.item.tools, self.item.calls, value["tools"], value["calls"],
+            list(value.get("alternatives") or []),
+        ).run()
+        self.failed.update(judged.errors)
+        self.probes, self.features = judged.probes, judged.features
+        return distractor_errors + [error for strategy_errors in judged.errors.values() for error in strategy_errors]
 
     def _distractor_errors(self, value: Any) -> list[str]:
         errors: list[str] = []
@@ -585,34 +615,21 @@ class _ScaleRequest:
             )
         return errors
 
-    def _strategy_errors(self, value: Any) -> list[str]:
-        errors: list[str] = []
-        if "parameter_expansion" in self.strategies and _parameter_count(value["tools"]) <= _parameter_count(
-            self.item.tools
-        ):
-            errors.append("parameter expansion was asked for but the tools have no more parameters than before")
-        if "parameter_type_generalization" in self.strategies and not _multi_typed(value["tools"]):
-            errors.append(
-                "parameter-type generalisation was asked for but no parameter accepts several types "
-                '(e.g. "type": ["string", "integer"])'
-            )
-        return errors
-
     def result(self, value: Any) -> ToolSet:
         scenario = self.item.scenario
-        distractors = [entry["tool"] for entry in value["distractors"]]
-        distractor_calls = [
-            {"name": tool_name(entry["tool"]), "arguments": entry["example_arguments"]}
-            for entry in value["distractors"]
-        ]
+        calls = _gold_calls(value["calls"], scenario)
         return ToolSet(
             scenario,
             value["tools"],
-            _gold_calls(value["calls"], scenario),
-            self.item.merged_from,
-            distractors,
-            distractor_calls,
-            self.strategies,
+            calls,
+            merged_from(self.item.documented, calls),
+            [entry["tool"] for entry in value["distractors"]],
+            [{"name": tool_name(entry["tool"]), "arguments": entry["example_arguments"]}
+             for entry in value["distractors"]],
+            list(self.strategies),
+            list(self.probes),
+            dict(self.item.documented),
+            dict(self.features),
         )
 
 
@@ -627,12 +644,23 @@ class _Scaler:
         if not strategies:
             return item
         request = _ScaleRequest(item, strategies, num_distractors)
-        value = self.ctx.llm.ask(request.prompt(self.ctx), request.check, ledger)
+        try:
+            value = self.ctx.llm.ask(request.prompt(self.ctx), request.check, ledger)
+        except StageError as error:
+            if error.transient or not request.failed:
+                raise
+            unmet = [s for s in STRATEGIES if s in request.failed]
+            shown = "; ".join(f"{s}: {' / '.join(request.failed[s][:2])}" for s in unmet)
+            raise StageError(SCALING_NOT_APPLIED, f"not applied: {shown}", strategies=unmet) from error
         return request.result(value)
 
 
 def scale(toolsets: Sequence[ToolSet], ctx: StageContext) -> tuple[list[ToolSet], list[StageFailure]]:
-    """Stage 4: apply the complexity-scaling strategies drawn for each task (none drawn: unchanged)."""
+    """Stage 4: apply the complexity-scaling strategies drawn for each task and check each one happened.
+
+    None drawn: unchanged. A reply that, after the bounded repairs, still misses a drawn strategy
+    fails as ``scaling_not_applied`` with the strategies named (``StageFailure.strategies``).
+    """
     return run_stage("scale", toolsets, _Scaler(ctx), ctx)
 
 
@@ -680,19 +708,26 @@ def check_source(name: str, source: str, tool: dict[str, Any]) -> list[str]:
     return errors
 
 
+def _deploy_cases(item: ToolSet) -> dict[str, list[dict[str, Any]]]:
+    """Per tool, the calls it must support: the gold calls and the scaled-feature probes (null: any fact)."""
+    scenario = item.scenario
+    cases: dict[str, list[dict[str, Any]]] = {}
+    for call in item.calls:
+        cases.setdefault(call.name, []).append(
+            {"arguments": call.arguments, "result_contains": scenario.sub_question(call.sub_question_id).answer}
+        )
+    for probe in item.probes:
+        answer = scenario.sub_question(probe.sub_question_id).answer if probe.expect_answer else None
+        cases.setdefault(probe.name, []).append({"arguments": probe.arguments, "result_contains": answer})
+    return cases
+
+
 def deploy(toolsets: Sequence[ToolSet], ctx: StageContext) -> tuple[list[Deployed], list[StageFailure]]:
-    """Stage 5: Python source per tool; valid calls return the sub-answer, invalid ones raise."""
+    """Stage 5: Python source per tool; valid calls (gold and probes) work, invalid ones raise."""
 
     def work(item: ToolSet, ledger: Ledger) -> Deployed:
         scenario = item.scenario
-        cases: dict[str, list[dict[str, Any]]] = {}
-        for call in item.calls:
-            cases.setdefault(call.name, []).append(
-                {
-                    "arguments": call.arguments,
-                    "result_contains": scenario.sub_question(call.sub_question_id).answer,
-                }
-            )
+        cases = _deploy_cases(item)
         answers = sorted({sq.answer for sq in scenario.sub_questions})
         distractors = [
             {"tool": tool, "example_arguments": call["arguments"]}

@@ -15,6 +15,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -125,22 +126,46 @@ def write_jsonl(path: PathLike, records: Iterable[Mapping[str, Any]]) -> Path:
     return path
 
 
+def parquet_columns(records: Sequence[Mapping[str, Any]], where: PathLike = "<records>") -> list[str]:
+    """The columns a Parquet copy of ``records`` gets: every field, present on all rows or on none.
+
+    A reference field (docs/reference.md §2) some records lack is an error naming the first such
+    record. An extra field only some records carry (``gold_calls`` on the first snapshot of each
+    episode, which is the environment record itself) is left out, with a log line: a column that
+    is null on some rows is a schema a reader cannot trust (a validator decodes it and fails on the
+    nulls). The JSON lines copy keeps every field.
+    """
+    counts: dict[str, int] = {}
+    for record in records:
+        for key in record:
+            counts[key] = counts.get(key, 0) + 1
+    total = len(records)
+    for key in REFERENCE_FIELDS:
+        if 0 < counts.get(key, 0) < total:
+            first = next(index for index, record in enumerate(records) if key not in record)
+            raise RecordError(f"{where}: record {first} lacks reference field '{key}', which "
+                              f"{counts[key]} of {total} records have")
+    partial = sorted(key for key, count in counts.items() if count < total)
+    if partial:
+        log.info("%s: fields on some records only, left out of the Parquet copy: %s", where,
+                 ", ".join(f"{key} ({counts[key]} of {total})" for key in partial))
+    return [key for key, count in counts.items() if count == total]
+
+
 def write_parquet(path: PathLike, records: Sequence[Mapping[str, Any]]) -> Path:
     """Write records as Parquet (atomic), one column per field, messages as native structs.
 
-    Columns are the union of all records' keys (a record lacking one reads back None there).
-    Tool-call ``arguments`` given as dicts are stored as their JSON string, the OpenAI wire format:
-    as structs, calls with different argument names would read back padded with None keys.
+    Columns are :func:`parquet_columns`: the fields every record has (a column is never null on
+    some rows because a record lacks the field). Tool-call ``arguments`` given as dicts are stored
+    as their JSON string, the OpenAI wire format: as structs, calls with different argument names
+    would read back padded with None keys.
     """
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    columns: dict[str, list[Any]] = {}
-    for record in records:
-        for key in record:
-            columns.setdefault(key, [])
+    columns = parquet_columns(records, path)
     rows = [_parquet_ready(record) for record in records]
     arrays = {}
     for key in columns:
@@ -280,6 +305,84 @@ def validate_record(record: Mapping[str, Any], where: str) -> None:
     _check_scalars(record, where)
     if "gold_calls" in record:
         _check_gold_calls(record, where, tool_names)
+
+
+# ------------------------------------------------------------------------------- OpenAI tool schemas
+JSON_SCHEMA_TYPES: frozenset[str] = frozenset({"string", "integer", "number", "boolean", "array", "object", "null"})
+_FUNCTION_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+
+def _value_schema_problems(spec: Any, where: str) -> list[str]:
+    """Problems of one parameter's JSON schema (recursing into ``items`` and object ``properties``)."""
+    if not isinstance(spec, dict):
+        return [f"{where}: must be a JSON schema object, got {type(spec).__name__}"]
+    for key in ("anyOf", "oneOf"):
+        if key in spec:
+            options = spec[key]
+            if not isinstance(options, list) or not options:
+                return [f"{where}.{key}: must be a non-empty list of schemas"]
+            return [p for i, option in enumerate(options) for p in _value_schema_problems(option, f"{where}.{key}[{i}]")]
+    declared = spec.get("type")
+    types = [declared] if isinstance(declared, str) else declared
+    if not isinstance(types, list) or not types or not all(isinstance(t, str) for t in types):
+        return [f"{where}: 'type' must be a JSON type or a non-empty list of them, got {declared!r}"]
+    problems = [f"{where}: unknown type '{t}' (valid: {sorted(JSON_SCHEMA_TYPES)})" for t in types
+                if t not in JSON_SCHEMA_TYPES]
+    if "enum" in spec and (not isinstance(spec["enum"], list) or not spec["enum"]):
+        problems.append(f"{where}: 'enum' must be a non-empty list")
+    if "description" in spec and not isinstance(spec["description"], str):
+        problems.append(f"{where}: 'description' must be a string")
+    if "array" in types:
+        if "items" not in spec:
+            problems.append(f"{where}: an array needs 'items' (the schema of its elements)")
+        else:
+            problems += _value_schema_problems(spec["items"], f"{where}.items")
+    if "object" in types and ("properties" in spec or "required" in spec):
+        problems += _object_problems(spec, where)
+    return problems
+
+
+def _object_problems(spec: Mapping[str, Any], where: str) -> list[str]:
+    properties = spec.get("properties", {})
+    if not isinstance(properties, dict):
+        return [f"{where}.properties: must be an object"]
+    required = spec.get("required", [])
+    if not isinstance(required, list) or not all(isinstance(name, str) for name in required):
+        return [f"{where}.required: must be a list of parameter names"]
+    problems = [f"{where}.required: '{name}' is not in properties" for name in required if name not in properties]
+    for name, value in properties.items():
+        problems += _value_schema_problems(value, f"{where}.properties.{name}")
+    return problems
+
+
+def tool_schema_problems(tool: Any) -> list[str]:
+    """What keeps ``tool`` from being a valid OpenAI-style function tool; empty when it is one.
+
+    ``{"type": "function", "function": {"name", "description"?, "parameters"}}`` with a name of at
+    most 64 letters, digits, ``_`` or ``-``; ``parameters`` of type ``object`` with ``properties``;
+    ``required`` a subset of them; every parameter a JSON schema with known types (one or a list),
+    a non-empty ``enum`` where given, and ``items`` wherever ``array`` is a type (recursively).
+    """
+    if not isinstance(tool, dict) or tool.get("type") != "function" or not isinstance(tool.get("function"), dict):
+        return ["must be {'type': 'function', 'function': {...}}"]
+    function = tool["function"]
+    name = function.get("name")
+    where = f"function '{name}'"
+    problems = [] if isinstance(name, str) and _FUNCTION_NAME.match(name) else [
+        f"{where}: name must be 1-64 letters, digits, '_' or '-'"]
+    if "description" in function and not isinstance(function["description"], str):
+        problems.append(f"{where}: description must be a string")
+    parameters = function.get("parameters")
+    if not isinstance(parameters, dict) or parameters.get("type") != "object":
+        return problems + [f"{where}: parameters must be a JSON schema of type 'object'"]
+    if not isinstance(parameters.get("properties"), dict):
+        return problems + [f"{where}: parameters.properties must be an object"]
+    return problems + _object_problems(parameters, f"{where}: parameters")
+
+
+def reference_record(record: Mapping[str, Any]) -> dict[str, Any]:
+    """Exactly the reference fields of ``record`` (docs/reference.md §2), in their order; extras dropped."""
+    return {key: record[key] for key in REFERENCE_FIELDS}
 
 
 STORED_AS_STRINGS: tuple[str, ...] = ("tools", "codes", "unsolved_set", "gold_calls")

@@ -13,23 +13,31 @@ calls. The four FTRL scenarios are built from *chains* of look-ups:
 Every argument is a number or a short upper-case code that appears literally in the question or in
 an earlier tool output, and every sub-answer is a short code or number, because a ~1M-parameter
 model learns to copy ids but not to resolve entity names (docs/reference.md §9). The complexity-scaling knobs
-of :class:`ftrl.config.ProceduralConfig` change the tools, not the questions: functional
-generalisation (``get_order_info(order_id, field)`` instead of ``get_order_product(order_id)``),
-parameter expansion (a required ``fmt`` and an optional ``verbose``), parameter-type generalisation
-(ids as number or string, or a list of ids) and distractor tools (plausible getters that answer
-nothing asked).
+of :class:`ftrl.config.ProceduralConfig` (on by default: ``ftrl.config.ScalingDefaults``) change the
+tools, not the questions: functional generalisation (``get_order_info(order_id, field)`` instead of
+``get_order_product(order_id)``), parameter expansion (a required ``fmt`` and an optional
+``verbose``), parameter-type generalisation (ids as number or string, or a list of ids) and
+distractor tools. Distractors are styled like the answering tools (getters of columns nobody asked
+about beside getters, info tools of untouched entities beside info tools), and every environment
+lists its tools in a seeded random order, so neither position nor naming style gives them away.
 
 With ``id_pool_size`` set, every id, code and number comes from a fixed pool per kind shared by all
 environments of a build (a small world vocabulary; each environment still wires the values into
 fresh tables, so nothing can be answered from memory).
 
-Before an environment is kept, a *gate* runs it through the sandbox: its gold calls must solve
-every sub-question under the reward's rules and reach the final answer, one deliberately invalid
-call per tool must come back as an error, and distractors must not return a sub-answer.
-Each record carries one extra field, ``gold_calls``: the gold trajectory as a JSON list of turns,
-each a list of ``{"name", "arguments"}`` (used by the supervised warm start).
+Before an environment is kept, :func:`scaling_problem` checks that every strategy drawn for it is
+visible in its tools, and the shared build-time gate (:func:`ftrl.envs.gate.gate_candidates`) runs
+it through the sandbox: gold calls deterministic and solving every sub-question under the reward's
+rules, no sub-answer that matches by accident or leaks into another hop's output, one invalid call
+per tool failing with an error that names the bad parameter or value, distractors answering
+nothing, and case/space variants of string ids, every alternative id type, the array form, ``fmt``
+and ``verbose`` working. :class:`BuildReport` counts the kept environments per strategy and the
+rejections per reason (in words, with examples); ``envs=procedural`` puts it into
+``envs/manifest.json`` (``source_manifest.build``). Each record carries one extra field,
+``gold_calls``: the gold trajectory as a JSON list of turns, each a list of ``{"name", "arguments"}``
+(used by the supervised warm start; never in reference exports, see ``ftrl.envs.sets export``).
 
-    python -m ftrl.envs.procedural --num-train 20 --num-test 5 --out /tmp/envs
+    python -m ftrl.envs.procedural --num-train 20 --num-test 5 --out /tmp/envs   # + report.json
     python -m pytest tests/test_procedural.py -q
 """
 
@@ -43,7 +51,6 @@ import math
 import random
 import sys
 import time
-from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -52,7 +59,6 @@ from typing import Any
 from ftrl.config import ConfigError, ProceduralConfig
 from ftrl.envs import gate as env_gate
 from ftrl.envs import sandbox
-from ftrl.envs.verify import answer_verify
 from ftrl.errors import unknown_choice_message
 from ftrl.types import SCENARIOS, SPLITS, TOOL_ERROR_PREFIX
 
@@ -65,17 +71,37 @@ DECOY_ROWS = (2, 3)  # look-up rows per table besides the ones the question need
 # -> data_source names.
 SCENARIO_KEYS: dict[str, str] = {name.lower().replace(" ", "_").replace("-", "_"): name for name in SCENARIOS}
 
-# Gate rejection reasons (counted in BuildReport.rejected).
-GOLD_CALL_ERROR = env_gate.GOLD_CALL_ERROR  # the gold-call checks are the shared gate's (ftrl.envs.gate)
+# Gate rejection reasons (counted in BuildReport.rejected; REASONS says each in words). The sandbox
+# checks are the shared build-time gate's (ftrl.envs.gate.gate_candidates), also used by ftrl.builder.
+Candidate = env_gate.Candidate
+GOLD_CALL_ERROR = env_gate.GOLD_CALL_ERROR
 GOLD_UNSOLVED = env_gate.GOLD_UNSOLVED
 TOOL_TIMEOUT = env_gate.TOOL_TIMEOUT
-ANSWER_UNREACHABLE = "answer_not_in_outputs"
-INVALID_CALL_ACCEPTED = "invalid_call_accepted"
-INVALID_CALL_LEAKS = "invalid_call_returns_answer"
-DISTRACTOR_BROKEN = "distractor_error"
-DISTRACTOR_ANSWERS = "distractor_returns_answer"
+ANSWER_UNREACHABLE = env_gate.ANSWER_UNREACHABLE
+NONDETERMINISTIC = env_gate.NONDETERMINISTIC
+ACCIDENTAL_MATCH = env_gate.ACCIDENTAL_MATCH
+HOP_LEAK = env_gate.HOP_LEAK
+INVALID_CALL_ACCEPTED = env_gate.INVALID_CALL_ACCEPTED
+INVALID_CALL_LEAKS = env_gate.INVALID_CALL_LEAKS
+ERROR_UNINFORMATIVE = env_gate.ERROR_UNINFORMATIVE
+DISTRACTOR_BROKEN = env_gate.DISTRACTOR_BROKEN
+DISTRACTOR_ANSWERS = env_gate.DISTRACTOR_ANSWERS
+VARIANT_FAILS = env_gate.VARIANT_FAILS
+SCALED_FEATURE_FAILS = env_gate.SCALED_FEATURE_FAILS
+SCALING_NOT_APPLIED = "scaling_not_applied"
 DUPLICATE_QUESTION = "duplicate_question"
 SHARES_TRAIN_IDS = "test_reuses_train_ids"
+POOL_EXHAUSTED = "value_pool_exhausted"
+REASONS: dict[str, str] = {
+    **env_gate.REASONS,
+    SCALING_NOT_APPLIED: "a complexity-scaling strategy drawn for the environment is missing from its tools",
+    DUPLICATE_QUESTION: "the question was already generated",
+    SHARES_TRAIN_IDS: "a test question asks what a train question asks",
+    POOL_EXHAUSTED: "the value pool ran out of distinct values for the environment",
+}
+STRATEGIES: tuple[str, ...] = ("functional_generalization", "parameter_expansion", "parameter_type_generalization",
+                               "distractors")
+MAX_EXAMPLES = 3  # rejected candidates shown per reason in the build report
 
 
 # ------------------------------------------------------------------------------------- the world
@@ -200,7 +226,6 @@ MAX_CHAIN = max(n for n in range(1, 10) if _chain_paths(n))
 
 
 NUMBER_POOL_FACTOR = 4
-POOL_EXHAUSTED = "value_pool_exhausted"
 
 
 class PoolExhausted(RuntimeError):
@@ -296,9 +321,13 @@ def _tool_for(entity: str, field_obj: Field, general: bool, expanded: bool, type
 def _tool_schema(tool: _Tool) -> dict[str, Any]:
     entity = tool.spec
     if tool.typed:
-        id_types: list[str] = ["string", "array"] if entity.id_kind not in ID_PREFIXES and \
-            entity.id_kind != "order_id" else ["integer", "string", "array"]
-        id_param = {"type": id_types, "description": f"{entity.id_doc}, or a list of them"}
+        # Numbered ids also come as the bare number (P73 as 73) or, order ids, as a string of digits.
+        numbered = entity.id_kind in ID_PREFIXES or entity.id_kind == "order_id"
+        item_types: list[str] = ["integer", "string"] if numbered else ["string"]
+        also = (" (a string of digits works too)" if entity.id_kind == "order_id"
+                else " (the bare number works too)" if numbered else "")
+        id_param = {"type": item_types + ["array"], "items": {"type": item_types if numbered else "string"},
+                    "description": f"{entity.id_doc}{also}, or a list of them"}
     else:
         id_type = "integer" if entity.id_kind == "order_id" else "string"
         id_param = {"type": id_type, "description": entity.id_doc}
@@ -338,11 +367,13 @@ def _key_check_lines(entity: Entity, typed: bool) -> list[str]:
         if entity.id_kind in ID_PREFIXES:
             lines += ["if isinstance(key, int) and not isinstance(key, bool):",
                       f"    key = \"{ID_PREFIXES[entity.id_kind]}\" + str(key)"]
+        kinds = "a string or a number" if entity.id_kind in ID_PREFIXES else "a string"
         return lines + ["if not isinstance(key, str):",
-                        f"    raise TypeError(f\"{name} must be a string, got {{type(key).__name__}} {{key!r}}\")",
+                        f"    raise TypeError(f\"{name} must be {kinds}, got {{type(key).__name__}} {{key!r}}\")",
                         "key = key.strip().upper()"]
     return ["if not isinstance(key, str):",
-            f"    raise TypeError(f\"{name} must be a string, got {{type(key).__name__}} {{key!r}}\")"]
+            f"    raise TypeError(f\"{name} must be a string, got {{type(key).__name__}} {{key!r}}\")",
+            "key = key.strip().upper()"]
 
 
 def _tool_source(tool: _Tool, table: dict[Any, Any]) -> str:
@@ -399,22 +430,6 @@ class Hop:
     field: Field
     arg: Any
     answer: Any
-
-
-@dataclass
-class Candidate:
-    """An environment before the gate: the record plus the probe calls the gate makes."""
-
-    record: dict[str, Any]
-    # What the question asks: each chain's root id and the fields it walks. A test question may not
-    # ask what a train question asks, however it is worded.
-    id_combination: tuple[str, ...]
-    invalid_calls: list[dict[str, Any]]     # {"name", "arguments"}: each must come back as an error
-    distractor_calls: list[dict[str, Any]]  # plausible calls of distractor tools
-
-    @property
-    def question(self) -> str:
-        return str(self.record["messages"][0]["content"])
 
 
 @dataclass(frozen=True)
@@ -523,20 +538,28 @@ def _build_chains(scenario: str, settings: _Settings, world: _World, rng: random
 
 
 def _pick_distractors(chains: list[list[Hop]], needed: Mapping[str, _Tool], settings: _Settings,
-                      rng: random.Random, general: bool, expanded: bool, typed: bool) -> list[_Tool]:
-    """Getters of columns nobody asked about (and, when tools are general, of untouched entities)."""
+                      rng: random.Random, general: bool, expanded: bool, typed: bool) -> tuple[list[_Tool], int]:
+    """Distractors styled like the answering tools, and the size of the pool they were drawn from.
+
+    With single-purpose getters (``get_<entity>_<field>``), getters of columns nobody asked about;
+    with general tools (``get_<entity>_info``), the info tools of entities the task does not touch.
+    Either way a distractor has the answering tools' name pattern and parameters, so only reading
+    the question and the documents tells it apart.
+    """
     asked = {(hop.entity, hop.field.key) for chain in chains for hop in chain}
+    touched = {tool.entity for tool in needed.values()}
     pool = []
     for entity in ENTITIES.values():
+        if general:
+            if entity.name not in touched:
+                pool.append(_tool_for(entity.name, entity.fields[0], True, expanded, typed))
+            continue
         for field_obj in entity.fields:
             getter = _tool_for(entity.name, field_obj, False, expanded, typed)
             if (entity.name, field_obj.key) not in asked and getter.name not in needed:
                 pool.append(getter)
-        info_tool = _tool_for(entity.name, entity.fields[0], True, expanded, typed)
-        if general and info_tool.name not in needed:
-            pool.append(info_tool)
     count = min(rng.randint(settings.min_distractors, settings.max_distractors), len(pool))
-    return rng.sample(pool, count)
+    return rng.sample(pool, count), len(pool)
 
 
 def _invalid_calls(tools: Sequence[_Tool], world: _World) -> list[dict[str, Any]]:
@@ -577,7 +600,8 @@ def sample_candidate(scenario: str, cfg: ProceduralConfig | _Settings, rng: rand
                      pools: Mapping[str, Sequence[Any]] | None = None) -> Candidate:
     """Draw one environment of ``scenario`` (a data_source name) with the knobs of ``cfg``.
 
-    ``pools`` (from :func:`value_pools`) restricts every drawn value to a fixed set per kind.
+    ``pools`` (from :func:`value_pools`) restricts every drawn value to a fixed set per kind. The
+    tools are listed in a seeded random order: where a tool sits says nothing about whether it answers.
     """
     settings = cfg if isinstance(cfg, _Settings) else _Settings.from_config(cfg)
     if scenario not in SCENARIOS:
@@ -597,28 +621,20 @@ def sample_candidate(scenario: str, cfg: ProceduralConfig | _Settings, rng: rand
         for hop in chain:
             needed.setdefault(tool_of(hop).name, tool_of(hop))
             unsolved_set.setdefault(tool_of(hop).name, []).append(str(hop.answer))
-    distractors = _pick_distractors(chains, needed, settings, rng, general, expanded, typed)
+    distractors, pool_size = _pick_distractors(chains, needed, settings, rng, general, expanded, typed)
     all_tools = list(needed.values()) + distractors
+    rng.shuffle(all_tools)
     for entity_name in dict.fromkeys(tool.entity for tool in all_tools):
         for _ in range(rng.randint(*DECOY_ROWS)):
             world.add_row(entity_name)
-
-    codes: dict[str, str] = {}
-    for tool in all_tools:
-        rows = world.rows[tool.entity]
-        ids = list(rows)
-        rng.shuffle(ids)  # the row a question needs sits anywhere in the table
-        table = {row_id: (dict(rows[row_id]) if tool.general else rows[row_id][tool.field_key]) for row_id in ids}
-        codes[tool.name] = _tool_source(tool, table)
     # Turn k holds hop k of every chain that is that long: parallel hops share a turn.
     gold_turns = [[_call(tool_of(chain[turn]), chain[turn].arg, chain[turn].field.key)
                    for chain in chains if len(chain) > turn]
                   for turn in range(max(len(chain) for chain in chains))]
-
     record = {
         "messages": [{"role": "user", "content": _question(chains, rng)}],
         "tools": json.dumps([_tool_schema(tool) for tool in all_tools], ensure_ascii=False),
-        "codes": json.dumps(codes, ensure_ascii=False),
+        "codes": json.dumps(_codes(all_tools, world, rng), ensure_ascii=False),
         "unsolved_set": json.dumps(unsolved_set, ensure_ascii=False),
         "solve_rate": 0.0,
         "answer": ", ".join(str(chain[-1].answer) for chain in chains),
@@ -627,92 +643,127 @@ def sample_candidate(scenario: str, cfg: ProceduralConfig | _Settings, rng: rand
         "gold_calls": json.dumps(gold_turns, ensure_ascii=False),
     }
     id_combination = tuple(sorted(f"{chain[0].arg}:{'/'.join(hop.field.key for hop in chain)}" for chain in chains))
+    scaling = {"functional_generalization": general, "parameter_expansion": expanded,
+               "parameter_type_generalization": typed, "distractors": len(distractors), "distractor_pool": pool_size}
     return Candidate(record, id_combination, _invalid_calls(all_tools, world),
-                     _distractor_calls(distractors, chains, world))
+                     _distractor_calls(distractors, chains, world), scaling)
+
+
+def _codes(tools: Sequence[_Tool], world: _World, rng: random.Random) -> dict[str, str]:
+    codes: dict[str, str] = {}
+    for tool in tools:
+        rows = world.rows[tool.entity]
+        ids = list(rows)
+        rng.shuffle(ids)  # the row a question needs sits anywhere in the table
+        table = {row_id: (dict(rows[row_id]) if tool.general else rows[row_id][tool.field_key]) for row_id in ids}
+        codes[tool.name] = _tool_source(tool, table)
+    return codes
+
+
+def scaling_problem(candidate: Candidate, min_distractors: int) -> str | None:
+    """Whether the strategies drawn for ``candidate`` (its ``scaling``) are all visible in its tools.
+
+    Functional generalisation: every tool is ``get_<entity>_info`` with a ``field`` enum (without it,
+    none is); parameter expansion: every tool has a required ``fmt`` and an optional ``verbose``;
+    parameter-type generalisation: every id parameter takes several types including an array with
+    ``items``; distractors: as many as drawn, at least ``min_distractors`` unless the pool was
+    smaller, with the answering tools' name pattern and parameters. ``None`` when all hold.
+    """
+    drawn = candidate.scaling
+    tools = [tool["function"] for tool in json.loads(candidate.record["tools"])]
+    answering = set(json.loads(candidate.record["unsolved_set"]))
+    shapes = set()
+    for tool in tools:
+        properties, required = env_gate.tool_parameters(tool)
+        id_spec = next(iter(properties.values()))
+        seen = {"functional_generalization": tool["name"].endswith("_info") and "enum" in properties.get("field", {}),
+                "parameter_expansion": "fmt" in required and "verbose" in properties and "verbose" not in required,
+                "parameter_type_generalization": isinstance(id_spec.get("type"), list)
+                and "array" in id_spec["type"] and "items" in id_spec}
+        for strategy, present in seen.items():
+            if present != bool(drawn[strategy]):
+                return f"{tool['name']}: {strategy} {'drawn but missing' if drawn[strategy] else 'present but not drawn'}"
+        shapes.add((tool["name"].endswith("_info"), tuple(list(properties)[1:]), tuple(required[1:])))
+    distractors = [tool["name"] for tool in tools if tool["name"] not in answering]
+    wanted = min(min_distractors, drawn["distractor_pool"])
+    if len(distractors) != drawn["distractors"] or len(distractors) < wanted:
+        return f"{len(distractors)} distractor tool(s) {distractors}, drawn {drawn['distractors']}, minimum {wanted}"
+    if len(shapes) > 1:
+        return f"the tools are not styled alike (name pattern, parameters): {sorted(shapes)}"
+    return None
 
 
 # ------------------------------------------------------------------------------------------ gate
-_openai_call = env_gate.gold_call
+def gate_details(candidates: Sequence[Candidate], timeout: float = GATE_TIMEOUT_S,
+                 checks: Sequence[str] | None = None) -> list[env_gate.Rejection | None]:
+    """Probe candidates in the sandbox with the shared build-time gate (:func:`ftrl.envs.gate.gate_candidates`).
 
-
-def _run_jobs(jobs: list[tuple[dict[str, str], list[dict[str, Any]]]], timeout: float) -> list[list[str]]:
-    """Run many independent batches of calls at once in the process-wide sandbox (its warm workers)."""
-    return sandbox.get_sandbox().map_calls(jobs, timeout)
-
-
-_is_error = env_gate.is_error
-
-
-def gate(candidates: Sequence[Candidate], timeout: float = GATE_TIMEOUT_S) -> list[str | None]:
-    """Check candidates in the sandbox; return ``None`` for a good one, else the rejection reason.
-
-    A good environment: every gold call succeeds; applied turn by turn with the reward's rules
-    (``ftrl.reward.apply_tool_results``) they solve every sub-answer; each part of the final answer
-    occurs in some gold output; each invalid probe comes back as ``an error occured when call ...``
-    without that tool's sub-answer; each distractor call succeeds without returning a sub-answer
-    (other than the ids it was called with).
+    ``None`` for a good candidate, else the :class:`~ftrl.envs.gate.Rejection` (reason and evidence);
+    ``checks``: the optional checks to make (``ftrl.envs.gate.PROBE_CHECKS``, default all).
     """
-    jobs = []
-    for candidate in candidates:
-        codes = json.loads(candidate.record["codes"])
-        gold = [call for turn in json.loads(candidate.record["gold_calls"]) for call in turn]
-        calls = gold + candidate.invalid_calls + candidate.distractor_calls
-        jobs.append((codes, [_openai_call(call, index) for index, call in enumerate(calls)]))
-    results = _run_jobs(jobs, timeout)
-    return [_judge(candidate, outputs) for candidate, outputs in zip(candidates, results)]
+    return env_gate.gate_candidates(
+        candidates, timeout, run=lambda jobs, limit: sandbox.get_sandbox().map_calls(jobs, limit), checks=checks)
 
 
-def _judge(candidate: Candidate, outputs: list[str]) -> str | None:
-    record = candidate.record
-    expected: dict[str, list[str]] = json.loads(record["unsolved_set"])
-    turns = json.loads(record["gold_calls"])
-    gold_count = sum(len(turn) for turn in turns)
-    gold_outputs = outputs[:gold_count]
-    invalid_outputs = outputs[gold_count:gold_count + len(candidate.invalid_calls)]
-    distractor_outputs = outputs[gold_count + len(candidate.invalid_calls):]
-
-    verdict, _ = env_gate.judge_gold(turns, gold_outputs, expected)  # gold errors, timeouts, unsolved
-    if verdict is not None:
-        return verdict
-    if not all(any(answer_verify(output, part) for output in gold_outputs) for part in record["answer"].split(", ")):
-        return ANSWER_UNREACHABLE
-
-    for call, output in zip(candidate.invalid_calls, invalid_outputs):
-        if not _is_error(output, call["name"]):
-            return INVALID_CALL_ACCEPTED
-        if any(answer_verify(output, answer) for answer in expected.get(call["name"], [])):
-            return INVALID_CALL_LEAKS
-    all_answers = [answer for answers in expected.values() for answer in answers]
-    for call, output in zip(candidate.distractor_calls, distractor_outputs):
-        if _is_error(output, call["name"]):
-            return DISTRACTOR_BROKEN
-        echoed = json.dumps(call["arguments"], ensure_ascii=False)
-        if any(answer_verify(output, answer) and not answer_verify(echoed, answer) for answer in all_answers):
-            return DISTRACTOR_ANSWERS
-    return None
+def gate(candidates: Sequence[Candidate], timeout: float = GATE_TIMEOUT_S,
+         checks: Sequence[str] | None = None) -> list[str | None]:
+    """:func:`gate_details`, reason codes only: ``None`` for a good candidate, else why it was rejected."""
+    return [None if r is None else r.reason for r in gate_details(candidates, timeout, checks)]
 
 
 # ----------------------------------------------------------------------------------------- build
 @dataclass
 class BuildReport:
-    """What the generator did: candidates drawn, kept per split and scenario, rejections by reason."""
+    """What the generator did: candidates drawn, kept per split and scenario, rejections by reason.
+
+    ``scaling[split]`` counts the kept environments per complexity-scaling strategy (``distractors``:
+    those with at least one distractor tool) and ``unscaled`` those with none of them; ``reasons``
+    says each rejection reason in words and ``examples`` shows the first few rejected candidates.
+    """
 
     seed: int
     candidates: int = 0
     kept: dict[str, dict[str, int]] = field(default_factory=dict)
     rejected: dict[str, int] = field(default_factory=dict)
+    reasons: dict[str, str] = field(default_factory=dict)
+    examples: list[dict[str, str]] = field(default_factory=list)  # {reason, question, detail}
+    scaling: dict[str, dict[str, int]] = field(default_factory=dict)
     seconds: float = 0.0
     gate_seconds: float = 0.0
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def manifest(self) -> dict[str, Any]:
+        """For ``envs/manifest.json``: everything but the wall times, so the manifest stays reproducible."""
+        data = self.as_dict()
+        data.pop("seconds")
+        data.pop("gate_seconds")
+        return data
+
     def summary(self) -> str:
         kept = "; ".join(f"{split}: " + ", ".join(f"{s}={n}" for s, n in counts.items())
                          for split, counts in self.kept.items())
         rejected = ", ".join(f"{reason}={n}" for reason, n in sorted(self.rejected.items())) or "none"
+        scaling = "; ".join(f"{split}: " + ", ".join(f"{s}={n}" for s, n in counts.items())
+                            for split, counts in self.scaling.items())
         return (f"procedural envs (seed {self.seed}): {self.candidates} candidates in {self.seconds:.2f}s "
-                f"(gate {self.gate_seconds:.2f}s); kept {kept}; rejected {rejected}")
+                f"(gate {self.gate_seconds:.2f}s); kept {kept}; scaling {scaling}; rejected {rejected}")
+
+    def reject(self, reason: str, candidate: Candidate | None = None, detail: str = "") -> None:
+        self.rejected[reason] = self.rejected.get(reason, 0) + 1
+        self.reasons.setdefault(reason, REASONS.get(reason, reason))
+        if candidate is not None and sum(e["reason"] == reason for e in self.examples) < MAX_EXAMPLES:
+            self.examples.append({"reason": reason, "question": candidate.question, "detail": detail})
+
+    def count_scaling(self, split: str, kept: Sequence[Candidate]) -> None:
+        counts = dict.fromkeys((*STRATEGIES, "unscaled"), 0)
+        for candidate in kept:
+            applied = [s for s in STRATEGIES if candidate.scaling.get(s)]
+            for strategy in applied:
+                counts[strategy] += 1
+            counts["unscaled"] += not applied
+        self.scaling[split] = counts
 
 
 @dataclass
@@ -732,63 +783,89 @@ def _allocate(total: int, weights: Mapping[str, float]) -> dict[str, int]:
     return counts
 
 
+@dataclass
+class _Generator:
+    """The state of one build: the seeded stream of candidates, what was seen, the report."""
+
+    settings: _Settings
+    rng: random.Random
+    pools: dict[str, list[Any]] | None
+    report: BuildReport
+    seen_questions: set[str] = field(default_factory=set)
+    train_ids: set[tuple[str, ...]] = field(default_factory=set)
+
+    def draw(self, split: str, scenario: str, pending: set[str]) -> Candidate | None:
+        """One candidate, or None when it is refused before the sandbox (duplicate, reused ids, ...)."""
+        self.report.candidates += 1
+        try:
+            candidate = sample_candidate(scenario, self.settings, self.rng, self.pools)
+        except PoolExhausted:
+            self.report.reject(POOL_EXHAUSTED)
+            return None
+        problem = scaling_problem(candidate, self.settings.min_distractors)
+        if candidate.question in self.seen_questions or candidate.question in pending:
+            self.report.reject(DUPLICATE_QUESTION)
+        elif split == "test" and candidate.id_combination in self.train_ids:
+            self.report.reject(SHARES_TRAIN_IDS)
+        elif problem is not None:
+            self.report.reject(SCALING_NOT_APPLIED, candidate, problem)
+        else:
+            pending.add(candidate.question)
+            return candidate
+        return None
+
+    def fill(self, split: str, scenario: str, need: int) -> list[Candidate]:
+        """``need`` gated candidates of ``scenario``, drawn and gated in batches."""
+        accepted: list[Candidate] = []
+        drawn, budget = 0, 50 * need + 100
+        while len(accepted) < need:
+            missing = need - len(accepted)
+            batch: list[Candidate] = []
+            pending: set[str] = set()
+            while len(batch) < missing + missing // 20 + 1:
+                if drawn >= budget:
+                    raise RuntimeError(f"procedural generator: only {len(accepted)} of {need} {split} "
+                                       f"'{scenario}' environments after {drawn} candidates; "
+                                       f"rejections {self.report.rejected}")
+                drawn += 1
+                candidate = self.draw(split, scenario, pending)
+                if candidate is not None:
+                    batch.append(candidate)
+            gate_started = time.perf_counter()
+            verdicts = gate_details(batch, self.settings.gate_timeout_s)
+            self.report.gate_seconds += time.perf_counter() - gate_started
+            for candidate, verdict in zip(batch, verdicts):
+                if verdict is not None:
+                    self.report.reject(verdict.reason, candidate, verdict.detail)
+                elif len(accepted) < need:
+                    accepted.append(candidate)
+                    self.seen_questions.add(candidate.question)
+        return accepted
+
+
 def generate_envs(cfg: ProceduralConfig, seed: int) -> ProceduralBuild:
     """Build ``num_train`` + ``num_test`` gated environments; same cfg and seed give the same bytes."""
     settings = _Settings.from_config(cfg)
     started = time.perf_counter()
-    rng = random.Random(seed)
     pools = value_pools(settings.id_pool_size, seed) if settings.id_pool_size else None
-    report = BuildReport(seed=seed)
-    rejected: Counter[str] = Counter()
-    seen_questions: set[str] = set()
-    train_ids: set[tuple[str, ...]] = set()
+    generator = _Generator(settings, random.Random(seed), pools, BuildReport(seed=seed))
+    report = generator.report
     records: dict[str, list[dict[str, Any]]] = {}
     targets = {"train": cfg.num_train, "test": cfg.num_test}
     for split in SPLITS:
         kept: list[Candidate] = []
         report.kept[split] = {}
         for scenario, need in _allocate(targets[split], settings.weights).items():
-            accepted: list[Candidate] = []
-            drawn, budget = 0, 50 * need + 100
-            while len(accepted) < need:
-                missing = need - len(accepted)
-                batch: list[Candidate] = []
-                pending: set[str] = set()
-                while len(batch) < missing + missing // 20 + 1:
-                    if drawn >= budget:
-                        raise RuntimeError(f"procedural generator: only {len(accepted)} of {need} {split} "
-                                           f"'{scenario}' environments after {drawn} candidates; "
-                                           f"rejections {dict(rejected)}")
-                    drawn += 1
-                    report.candidates += 1
-                    try:
-                        candidate = sample_candidate(scenario, settings, rng, pools)
-                    except PoolExhausted:
-                        rejected[POOL_EXHAUSTED] += 1
-                        continue
-                    if candidate.question in seen_questions or candidate.question in pending:
-                        rejected[DUPLICATE_QUESTION] += 1
-                    elif split == "test" and candidate.id_combination in train_ids:
-                        rejected[SHARES_TRAIN_IDS] += 1
-                    else:
-                        pending.add(candidate.question)
-                        batch.append(candidate)
-                gate_started = time.perf_counter()
-                verdicts = gate(batch, settings.gate_timeout_s)
-                report.gate_seconds += time.perf_counter() - gate_started
-                for candidate, verdict in zip(batch, verdicts):
-                    if verdict is not None:
-                        rejected[verdict] += 1
-                    elif len(accepted) < need:
-                        accepted.append(candidate)
-                        seen_questions.add(candidate.question)
+            accepted = generator.fill(split, scenario, need)
             kept.extend(accepted)
             report.kept[split][scenario] = len(accepted)
         if split == "train":
-            train_ids = {candidate.id_combination for candidate in kept}
-        rng.shuffle(kept)  # mix scenarios so any prefix of the file is a fair sample
+            generator.train_ids = {candidate.id_combination for candidate in kept}
+        report.count_scaling(split, kept)
+        generator.rng.shuffle(kept)  # mix scenarios so any prefix of the file is a fair sample
         records[split] = [{**candidate.record, "split": split} for candidate in kept]
-    report.rejected = dict(sorted(rejected.items()))
+    report.rejected = dict(sorted(report.rejected.items()))
+    report.reasons = dict(sorted(report.reasons.items()))
     report.seconds = time.perf_counter() - started
     return ProceduralBuild(records, report)
 
@@ -807,6 +884,7 @@ def _decoded(record: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from ftrl.artifacts import write_json
     from ftrl.envs.io import write_jsonl
 
     defaults = ProceduralConfig()
@@ -836,7 +914,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     for split, records in build.records.items():
         write_jsonl(out / f"{split}.jsonl", records)
         print(f"wrote {len(records)} {split} environments to {out / f'{split}.jsonl'}")
+    write_json(out / "report.json", build.report.as_dict())
     print(build.report.summary())
+    for reason, count in build.report.rejected.items():
+        print(f"  rejected {count:4d} {reason}: {build.report.reasons[reason]}")
     for split, counts in build.report.kept.items():
         for scenario, count in counts.items():
             print(f"  {split:5s} {scenario:20s} {count}")

@@ -3,7 +3,8 @@
 A set lives in ``<envs.sets_dir>/<name>-<hash>/`` (default ``outputs/env_sets``), where ``hash`` is
 :func:`ftrl.envs.io.env_set_hash` of its records, so a changed set is a new version beside the old::
 
-    train.jsonl, test.jsonl   reference records (docs/reference.md §2), with gold_calls when the builder knows them
+    train.jsonl, test.jsonl   reference records (docs/reference.md §2) plus gold_calls on every record
+                              when the builder knows them (procedural, llm, taubench sets)
     manifest.json             name, hash, format, created, source, counts and statistics per split and
                               scenario, plus what the producer adds (the LLM builder: model, endpoint,
                               prompt hashes, knobs, token/cost accounting)
@@ -18,6 +19,10 @@ and the test splits are concatenated.
     python -m ftrl.envs.sets show weather --split train --index 0
     python -m ftrl.envs.sets import procedural-400 --train envs/train.jsonl --test envs/test.jsonl
     python -m ftrl.envs.sets mix mixed llm=1.0 procedural-400=0.5
+    python -m ftrl.envs.sets export procedural-400 --out /tmp/ref --format reference   # [--type parquet]
+
+Gold trajectories are build-side knowledge: stored sets keep them (the warm start and ``show`` use
+them); ``export --format reference`` writes exactly the reference fields, never ``gold_calls``.
 """
 
 from __future__ import annotations
@@ -265,6 +270,57 @@ def mix_sets(
     return EnvRecords({"train": train, "test": test}, {"source": "set", "mix": composition, "mix_seed": seed})
 
 
+# ----------------------------------------------------------------------------------- export
+EXPORT_FORMATS: tuple[str, ...] = ("reference", "internal")
+EXPORT_FILE_TYPES: tuple[str, ...] = ("jsonl", "parquet")
+
+
+def export_records(records: Sequence[Mapping[str, Any]], where: str, fmt: str = "reference") -> list[dict[str, Any]]:
+    """A split's records as ``fmt`` writes them; refuses (naming ``where``, the record and the tool) what it cannot.
+
+    ``reference``: exactly the reference fields of docs/reference.md §2, in order (no ``gold_calls``),
+    every tool schema valid for OpenAI-style tool calling (:func:`ftrl.envs.io.tool_schema_problems`);
+    a stateful record (field ``state``) is refused, as the reference format cannot run it.
+    ``internal``: the records as stored, extra fields included.
+    """
+    from ftrl.envs.executor import STATE_FIELD
+    from ftrl.envs.io import RecordError, reference_record, tool_schema_problems, validate_record
+
+    if fmt not in EXPORT_FORMATS:
+        raise ValueError(f"export format '{fmt}': valid {list(EXPORT_FORMATS)}")
+    exported = []
+    for index, record in enumerate(records):
+        place = f"{where} record {index + 1}"
+        validate_record(record, place)
+        if fmt == "internal":
+            exported.append(dict(record))
+            continue
+        if record.get(STATE_FIELD) not in (None, ""):
+            raise RecordError(f"{place}: a stateful environment (field '{STATE_FIELD}') cannot be written in the "
+                              "reference format; use --format internal")
+        for tool in as_json_obj(record["tools"]):
+            problems = tool_schema_problems(tool)
+            if problems:
+                raise RecordError(f"{place}: tool schema is not valid for OpenAI-style tool calling: {problems[0]}")
+        exported.append(reference_record(record))
+    return exported
+
+
+def export_set(env_set: EnvSet, out: str | os.PathLike, *, fmt: str = "reference",
+               file_type: str = "jsonl") -> dict[str, Path]:
+    """Write every split of ``env_set`` to ``<out>/<split>.<file_type>`` (:func:`export_records`); the paths."""
+    from ftrl.envs.io import write_parquet
+
+    if file_type not in EXPORT_FILE_TYPES:
+        raise ValueError(f"export file type '{file_type}': valid {list(EXPORT_FILE_TYPES)}")
+    written = {}
+    for split in SPLITS:
+        rows = export_records(env_set.records(split), f"{env_set.ref} {split}", fmt)
+        path = Path(out) / f"{split}.{file_type}"
+        written[split] = write_jsonl(path, rows) if file_type == "jsonl" else write_parquet(path, rows)
+    return written
+
+
 # ----------------------------------------------------------------------------------- inspection
 def _signature(tool: Mapping[str, Any]) -> str:
     function = tool["function"]
@@ -416,6 +472,24 @@ def _print_show(args: argparse.Namespace) -> None:
     print(format_env(rows[args.index], execute=execute, show_codes=not args.no_codes))
 
 
+def _import_files(args: argparse.Namespace) -> None:
+    from ftrl.envs.io import validate_record
+
+    records = {}
+    for split in SPLITS:
+        path = getattr(args, split)
+        records[split] = read_records(path) if path else []
+        for index, record in enumerate(records[split]):
+            validate_record(record, f"{path}:{index + 1}")
+    stored = write_set(
+        records,
+        name=args.name,
+        sets_dir=args.sets_dir,
+        manifest={"source": args.source, "imported_from": {"train": args.train, "test": args.test}},
+    )
+    print(f"stored {stored.path}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ftrl.envs.sets", description=__doc__.split("\n")[0])
     parser.add_argument("--sets-dir", default=os.environ.get("FTRL_SETS_DIR", DEFAULT_SETS_DIR))
@@ -433,6 +507,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     imp.add_argument("--train")
     imp.add_argument("--test")
     imp.add_argument("--source", default="files")
+    export = commands.add_parser("export", help="write a set's splits as reference files (or as stored)")
+    export.add_argument("set", help="path, name-hash (or prefix) or name")
+    export.add_argument("--out", required=True, help="directory for <split>.jsonl (or .parquet)")
+    export.add_argument("--format", default="reference", choices=list(EXPORT_FORMATS),
+                        help="reference: exactly the reference fields (no gold_calls); internal: as stored")
+    export.add_argument("--type", default="jsonl", choices=list(EXPORT_FILE_TYPES), dest="file_type")
     mix = commands.add_parser("mix", help="store a weighted mix of sets as a new set")
     mix.add_argument("name")
     mix.add_argument("weights", nargs="+", help="SET=WEIGHT ...")
@@ -443,22 +523,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             _print_list(args.sets_dir)
         elif args.command == "show":
             _print_show(args)
+        elif args.command == "export":
+            env_set = resolve_set(args.set, args.sets_dir)
+            for split, path in export_set(env_set, args.out, fmt=args.format, file_type=args.file_type).items():
+                print(f"wrote {len(env_set.records(split))} {split} records ({args.format}) to {path}")
         elif args.command == "import":
-            from ftrl.envs.io import validate_record
-
-            records = {}
-            for split in SPLITS:
-                path = getattr(args, split)
-                records[split] = read_records(path) if path else []
-                for index, record in enumerate(records[split]):
-                    validate_record(record, f"{path}:{index + 1}")
-            stored = write_set(
-                records,
-                name=args.name,
-                sets_dir=args.sets_dir,
-                manifest={"source": args.source, "imported_from": {"train": args.train, "test": args.test}},
-            )
-            print(f"stored {stored.path}")
+            _import_files(args)
         else:
             weights = {}
             for item in args.weights:

@@ -15,9 +15,16 @@ Records = dict[str, list[dict[str, Any]]]
 
 
 def procedural(cfg: RunConfig) -> Records:
-    from ftrl.envs.procedural import build_procedural_envs
+    """Generated environments; their build report (per-strategy scaling counts, gate rejections by
+    reason, in words and with examples) becomes ``source_manifest.build`` of ``envs/manifest.json``."""
+    import logging
 
-    return build_procedural_envs(cfg.envs.procedural, seed=cfg.seed)
+    from ftrl.envs.procedural import generate_envs
+    from ftrl.envs.sets import EnvRecords
+
+    build = generate_envs(cfg.envs.procedural, seed=cfg.seed)
+    logging.getLogger(__name__).info(build.report.summary())
+    return EnvRecords(build.records, {"source": "procedural", "build": build.report.manifest()})
 
 
 def ftrl_files(cfg: RunConfig) -> Records:

@@ -74,7 +74,7 @@ from ftrl.artifacts import (
     atomic_path,
     write_json,
 )
-from ftrl.config import RunConfig
+from ftrl.config import RunConfig, critic_settings
 from ftrl.run_state import RunContext
 from ftrl.tracking import read_verl_metrics_file, verl_metrics_to_ftrl
 
@@ -548,7 +548,9 @@ def _critic_overrides(o: _OverrideList, p: _RoundPlan) -> None:
         o.set("critic.model.use_remove_padding", verl.attn_implementation == "flash_attention_2")
         o.set("critic.model.trust_remote_code", cfg.model.trust_remote_code)
         o.set("critic.model.enable_gradient_checkpointing", train.gradient_checkpointing)
-        o.set("critic.optim.lr", algorithm.critic.lr)
+        critic = critic_settings(algorithm, train)
+        o.set("critic.optim.lr", critic.lr)
+        o.set("critic.ppo_epochs", critic.epochs)
         o.set("critic.optim.weight_decay", train.weight_decay)
         o.set("critic.optim.clip_grad", train.grad_clip)
         o.set("critic.cliprange_value", algorithm.critic.cliprange_value)
@@ -556,7 +558,7 @@ def _critic_overrides(o: _OverrideList, p: _RoundPlan) -> None:
             o.set("critic.ppo_max_token_len_per_gpu", token_budget)
         else:
             o.set("critic.ppo_micro_batch_size_per_gpu", train.micro_batch_size)
-        o.set("trainer.critic_warmup", algorithm.critic.warmup_steps)
+        o.set("trainer.critic_warmup", critic.warmup_steps)
 
 
 def _trainer_overrides(o: _OverrideList, p: _RoundPlan) -> None:

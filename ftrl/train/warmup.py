@@ -100,11 +100,11 @@ def tokenize_examples(examples: Sequence[WarmupExample], engine: Any, tokenizer:
 
 def sft_loss(model: torch.nn.Module, pairs: Sequence[tuple[list[int], list[int]]], pad_id: int,
              device: torch.device) -> torch.Tensor:
-    """Mean cross-entropy over target tokens of a batch of (prompt, target) pairs."""
-    from ftrl.train.batch import make_token_batch, response_logprobs
+    """Mean cross-entropy over target tokens of a batch of (prompt, target) pairs (padding-free where possible)."""
+    from ftrl.train.batch import batch_logprobs, make_token_batch
 
     batch = make_token_batch([p for p, _ in pairs], [t for _, t in pairs], pad_id).to(device)
-    log_probs, _ = response_logprobs(model, batch)
+    log_probs, _ = batch_logprobs(model, batch)
     mask = batch.response_mask[:, :log_probs.shape[1]]
     return -(log_probs * mask).sum() / mask.sum()
 
