@@ -328,12 +328,12 @@ class TrainConfig:
     # PPO's critic at this model scale (null: algorithm.critic's paper value). A fresh value head on a tiny
     # model needs a larger lr, a few critic-only steps and several critic passes per step to explain anything
     # within 12 steps a round (see critic_settings).
-    critic_lr: float | None = None
+    critic_lr: float | None = 1e-3
     critic_warmup_steps: int | None = None
-    critic_epochs: int = 1  # critic updates per step (verl critic.ppo_epochs)
+    critic_epochs: int = 4  # critic updates per step (verl critic.ppo_epochs)
     # The value head's start: random (transformers' init, verl's) | zero (V = 0: the first advantages are the
     # whitened returns, no head noise on top)
-    critic_head_init: str = "random"
+    critic_head_init: str = "zero"
 
 
 @dataclass(frozen=True)

@@ -76,8 +76,8 @@ def test_snapshots_follow_the_reference_format(envs, tmp_path: Path) -> None:
     # one original record + one snapshot per tool-calling turn, for every environment
     assert len(rows) == sum(1 + n for n in turns.values()) == stats["snapshots_written"]
     assert stats["mean_solve_rate"] == 1.0
-    for row in rows:
-        assert set(REFERENCE_FIELDS) <= set(row)
+    for row in rows:  # exactly the reference fields: the gold trajectory never reaches the trainer's data
+        assert set(row) == set(REFERENCE_FIELDS)
     snapshots = [r for r in rows if len(r["messages"]) > 1]
     last = {}
     for row in snapshots:
@@ -188,3 +188,16 @@ def test_max_turns_ends_an_episode(envs) -> None:
                  execute=_execute, on_done=done.append, progress=False)
     assert [e.turns for e in done] == [4, 4, 4] and all(e.calls == 4 for e in done)
     assert "an error occured when call nothing_here" in done[0].messages[2]["content"]
+
+
+def test_snapshots_of_a_stateful_environment_keep_its_state(envs, tmp_path: Path) -> None:
+    """Every snapshot of a tau-bench-like record carries ``state``: the reward replays its history on it."""
+    from ftrl.collect import Episode
+
+    record = dict(envs["train"][0], state='{"family": "taubench", "domain": "retail", "db_sha256": "x"}')
+    episode = Episode.start(0, record)
+    episode.messages.append({"role": "assistant", "content": "", "tool_calls": []})
+    for snapshot in (Episode.start(0, record).snapshot_record(), episode.snapshot_record()):
+        assert snapshot["state"] == record["state"] and "gold_calls" not in snapshot
+    plain = Episode.start(0, envs["train"][0]).snapshot_record()
+    assert set(plain) == set(REFERENCE_FIELDS)

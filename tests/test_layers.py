@@ -2,7 +2,7 @@
 
 Layers, top to bottom (a module may import its own layer's package-mates and anything below):
 
-    run | report | pipeline, stages, inputs | analysis | eval | train | builder | collect | reward | llm | envs
+    bench | run | report | pipeline, stages, inputs | analysis | eval | train | builder | collect | reward | llm | envs
     | tracking, run_state, progress | artifacts, config | params, registry | types, errors
 
 Imports inside functions count (lazy imports are still dependencies); imports under
@@ -25,6 +25,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "ftrl"
 # ``ftrl.envs.*``). Modules of one layer may import each other only when they share a package
 # (``ftrl.envs.io`` -> ``ftrl.envs.verify``), so same-layer siblings stay independent.
 LAYERS: list[tuple[str, ...]] = [
+    ("ftrl.bench",),
     ("ftrl.run",),
     ("ftrl.report",),
     ("ftrl.pipeline", "ftrl.stages", "ftrl.inputs"),

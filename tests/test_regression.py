@@ -22,6 +22,8 @@ from ftrl.config import load_run_config
 from ftrl.pipeline import run_pipeline
 
 ROOT = Path(__file__).resolve().parent.parent
+PINNED_SCALING = {"functional_generalization": 0.5, "parameter_expansion": 0.5, "parameter_type_generalization": 0.5,
+                  "min_distractors": 1, "max_distractors": 2}
 PINNED_WARMUP_LOSSES = [6.7455573081970215, 6.62441873550415, 6.415472030639648]
 # Re-pinned when the default environments became scaled (every complexity-scaling strategy on,
 # shuffled tool order, distractors styled like the answering tools); the RL math did not change.
@@ -42,8 +44,11 @@ def smoke_round(tmp_path_factory) -> Path:
     import ftrl.run  # noqa: F401  (registers the ftrl_dirname resolver)
 
     run_dir = tmp_path_factory.mktemp("regression")
+    # The environment knobs are spelled out, so a change of the shared scaling default (ftrl.config.SCALING)
+    # does not move these numbers; a change to how environments are built with these knobs does.
+    knobs = [f"envs.procedural.{name}={value}" for name, value in PINNED_SCALING.items()]
     overrides = ["+debug=smoke", "train.rounds=1", "stages=[build_envs,collect,train]", "train.mini_batch_prompts=2",
-                 f"run_dir={run_dir}"]
+                 f"run_dir={run_dir}", *knobs]
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = load_run_config(compose(config_name="config", overrides=overrides))
     run_pipeline(cfg)

@@ -438,9 +438,14 @@ def test_messages_from_row_undoes_parquet_padding() -> None:
 
 
 # ------------------------------------------------------------------------------------ reward
-def _responses(record: dict) -> dict[str, str]:
-    """Hand-written turns for one snapshot: correct and wrong calls, malformed, answer, empty."""
-    gold = json.loads(record["gold_calls"]) if record.get("gold_calls") else None
+def _responses(record: dict, envs: list[dict]) -> dict[str, str]:
+    """Hand-written turns for one snapshot: correct and wrong calls, malformed, answer, empty.
+
+    Snapshots hold only the reference fields; the correct first turn comes from the environment's gold
+    trajectory, for the environment's own first snapshot (nothing called yet).
+    """
+    env = next(e for e in envs if e["messages"][0]["content"] == record["messages"][0]["content"])
+    gold = json.loads(env["gold_calls"]) if len(record["messages"]) == 1 else None
     answer = record["answer"]
     responses = {"malformed": '<tool_call>\n{"name": "broken", "arguments": \n</tool_call>',
                  "answer": f"The answer is {answer}.", "empty": "",
@@ -454,7 +459,7 @@ def _responses(record: dict) -> dict[str, str]:
 
 
 def test_registered_reward_scores_real_rows_like_the_native_reward(dataset: Any, snapshots: list[dict],
-                                                                   tokenizer: Any) -> None:
+                                                                   tokenizer: Any, envs: list[dict]) -> None:
     from tensordict import TensorDict
     from verl import DataProto
     from verl.experimental.reward_loop.reward_manager.naive import NaiveRewardManager
@@ -479,7 +484,7 @@ def test_registered_reward_scores_real_rows_like_the_native_reward(dataset: Any,
 
     scored: dict[str, list[tuple[float, float]]] = {}
     for index, record in enumerate(snapshots):
-        for case, text in _responses(record).items():
+        for case, text in _responses(record, envs).items():
             native = score_response(text + "<|im_end|>", record).score
             through_verl = asyncio.run(verl_score(rlhf[index], text))
             assert through_verl == native, (index, case, text)
@@ -490,17 +495,18 @@ def test_registered_reward_scores_real_rows_like_the_native_reward(dataset: Any,
     expected = {"correct_calls": 1.0, "wrong_calls": 0.0, "malformed": -0.3, "empty": -0.5, "answer": 0.5,
                 "special_token_inside_answer": 0.0}
     for case, value in expected.items():
-        text = _responses(snapshots[first_single])[case]
+        text = _responses(snapshots[first_single], envs)[case]
         assert asyncio.run(verl_score(rlhf[first_single], text)) == value, case
     assert {value for value, _ in scored["malformed"]} == {-0.3}
 
 
-def test_compute_score_contract_without_the_agent_loop_text(snapshots: list[dict], dataset: Any) -> None:
+def test_compute_score_contract_without_the_agent_loop_text(snapshots: list[dict], dataset: Any,
+                                                            envs: list[dict]) -> None:
     from ftrl.train.verl_reward import compute_score
 
     rlhf, _ = dataset
     record, item = snapshots[0], rlhf[0]
-    text = _responses(record)["special_token_inside_answer"]
+    text = _responses(record, envs)["special_token_inside_answer"]
     # Without our agent loop's text, verl's skip_special_tokens decode is all there is to score.
     plain = compute_score(item["data_source"], text.replace("<|im_start|>", ""), item["reward_model"]["ground_truth"],
                           item["extra_info"])

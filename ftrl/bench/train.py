@@ -90,10 +90,13 @@ def trl_steps(world: World, steps: int, out: Path) -> dict[str, Any]:
         epsilon=train.clip_ratio_low, epsilon_high=train.clip_ratio_high, loss_type="grpo",
         max_grad_norm=train.grad_clip, weight_decay=train.weight_decay, lr_scheduler_type="constant",
         max_steps=steps + 1, logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, bf16=False,
-        seed=cfg.seed, shuffle_dataset=False, dataloader_num_workers=0, disable_tqdm=True)
+        seed=cfg.seed, shuffle_dataset=False, dataloader_num_workers=0, disable_tqdm=True, log_level="error")
     trainer = GRPOTrainer(model=model, reward_funcs=reward, args=args, processing_class=tokenizer,
                           train_dataset=Dataset.from_list([{"prompt": p, "index": i} for i, p in enumerate(prompts)]),
                           callbacks=[timer])
+    from transformers.trainer_callback import PrinterCallback
+
+    trainer.remove_callback(PrinterCallback)  # the step logs stay in trainer.state.log_history
     threads = torch.get_num_threads()
     trainer.train()
     torch.set_num_threads(threads)  # in case the trainer changed it
@@ -128,7 +131,7 @@ def _sft_run(world: World, pairs: list, steps: int, packed: bool) -> tuple[float
         loss.backward()
         optimizer.step()
         tokens += sum(len(p) + len(t) for p, t in batch)
-        first = float(loss) if first is None else first
+        first = loss.item() if first is None else first
     return time.perf_counter() - started, tokens, first
 
 

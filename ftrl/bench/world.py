@@ -26,9 +26,9 @@ from ftrl.run import CONF_DIR
 
 log = logging.getLogger(__name__)
 
-# Copy-pretraining and warm-start steps of the benchmark's model: enough for multi-turn episodes.
-WORLD_STEPS = {"quick": (10, 60, 8), "full": (100, 120, 16)}  # (copy steps, warm-start steps, batch)
-WORLD_LR = 2e-3
+# Copy-pretraining steps, warm-start steps, batch and learning rate of the benchmark's model: enough
+# for it to call tools, so episodes have several turns.
+WORLD_STEPS = {"quick": (10, 150, 16, 5e-3), "full": (100, 150, 16, 2e-3)}
 WORLD_MARKER = "world.json"
 
 
@@ -102,7 +102,7 @@ def _build(root: Path, cfg: RunConfig, quick: bool) -> None:
     from ftrl.envs.procedural import build_procedural_envs
     from ftrl.llm.tiny import atomic_words_from_records, corpus_from_records, create_tiny_base
 
-    copy_steps, warm_steps, batch = WORLD_STEPS["quick" if quick else "full"]
+    copy_steps, warm_steps, batch, lr = WORLD_STEPS["quick" if quick else "full"]
     envs = build_procedural_envs(cfg.envs.procedural, seed=cfg.seed)
     root.mkdir(parents=True, exist_ok=True)
     write_jsonl(root / "train.jsonl", envs["train"])
@@ -111,7 +111,7 @@ def _build(root: Path, cfg: RunConfig, quick: bool) -> None:
     log.info("bench world: tiny model (%d copy steps), warm start %d steps", copy_steps, warm_steps)
     base = create_tiny_base(tiny, corpus_from_records(envs["train"]), root / "base", seed=cfg.seed,
                             atomic_words=atomic_words_from_records(envs["train"]))
-    warm_start(cfg, base, envs["train"], root / "warm", steps=warm_steps, batch_size=batch)
+    warm_start(cfg, base, envs["train"], root / "warm", steps=warm_steps, batch_size=batch, lr=lr)
     atomic_write_text(root / WORLD_MARKER, json.dumps({"quick": quick, "copy_steps": copy_steps,
                                                        "warm_steps": warm_steps}) + "\n")
 
@@ -128,7 +128,7 @@ def sft_pairs(cfg: RunConfig, model: Any, tokenizer: Any, records: Sequence[dict
 
 
 def warm_start(cfg: RunConfig, base: Path, records: Sequence[dict[str, Any]], out: Path, steps: int,
-               batch_size: int) -> Path:
+               batch_size: int, lr: float) -> Path:
     """A short supervised warm start (the warm-start stage's loss and optimizer), saved to ``out``."""
     from ftrl.llm.models import load_model_and_tokenizer
     from ftrl.train.checkpoint import save_hf_checkpoint
@@ -138,7 +138,7 @@ def warm_start(cfg: RunConfig, base: Path, records: Sequence[dict[str, Any]], ou
     torch.manual_seed(cfg.seed)
     model, tokenizer = load_model_and_tokenizer(str(base))
     pairs = sft_pairs(cfg, model, tokenizer, records)
-    optimizer = build_optimizer(list(model.parameters()), WORLD_LR, 0.0)
+    optimizer = build_optimizer(list(model.parameters()), lr, 0.0)
     rng = random.Random(cfg.seed)
     model.train()
     for _ in range(steps):

@@ -438,7 +438,17 @@ def pretrain_copying(model: Qwen3ForCausalLM, tokenizer: PreTrainedTokenizerFast
 def _continuation_loss(
     model: Qwen3ForCausalLM, rows: Sequence[tuple[list[int], list[int]]], pad_id: int
 ) -> torch.Tensor:
-    """Mean cross-entropy of each row's continuation given its prefix (right-padded batch)."""
+    """Mean cross-entropy of each row's continuation given its prefix.
+
+    Padding-free (``ftrl.llm.engines.packed``: only the continuations' logits are computed); a model
+    the packed path does not cover runs as one right-padded batch.
+    """
+    from ftrl.llm.engines.packed import continuation_logprobs, unsupported_reason
+
+    if unsupported_reason(model, training=True) is None:
+        log_probs, _ = continuation_logprobs(model, [prefix for prefix, _ in rows], [target for _, target in rows],
+                                             range(len(rows)))
+        return -log_probs.sum() / sum(len(target) for _, target in rows)
     width = max(len(prefix) + len(target) for prefix, target in rows)
     input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     labels = torch.full((len(rows), width), -100, dtype=torch.long)

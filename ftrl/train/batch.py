@@ -2,7 +2,8 @@
 
 The layout is verl's: ``input_ids = [prompt (left-padded) | response (right-padded)]``, a
 ``response_mask`` over the response part (every generated token including the end-of-turn token),
-and per-token log-probabilities of the response under a model, computed in micro-batches.
+and per-token log-probabilities of the response under a model, computed in micro-batches
+(:func:`batch_logprobs`: padding-free, each distinct prompt once, where the model allows).
 
     python -m pytest tests/test_algorithms.py -q
 """
@@ -99,6 +100,35 @@ def response_logprobs(model: torch.nn.Module, batch: TokenBatch, with_entropy: b
     log_probs = logprobs_from_logits(logits, trimmed.input_ids[:, prompt_len: prompt_len + response_len])
     entropy = entropy_from_logits(logits) if with_entropy else None
     return log_probs, entropy
+
+
+def batch_logprobs(model: torch.nn.Module, batch: TokenBatch, with_entropy: bool = False,
+                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """:func:`response_logprobs`, padding-free where the model allows (``ftrl.llm.engines.packed``).
+
+    Rows with the same prompt (the n samples of a GRPO group) run that prompt once and attend to its
+    keys and values; no padding goes through the model. Same outputs (up to float rounding) and the
+    same shapes as :func:`response_logprobs`, which models the packed path does not cover still use.
+    """
+    from ftrl.llm.engines.packed import continuation_logprobs, unsupported_reason
+
+    if unsupported_reason(model, training=model.training) is not None:
+        return response_logprobs(model, batch, with_entropy=with_entropy)
+    prompts, responses = split_rows(batch)
+    distinct: dict[tuple[int, ...], int] = {}
+    group = [distinct.setdefault(tuple(prompt), len(distinct)) for prompt in prompts]
+    return continuation_logprobs(model, [list(prompt) for prompt in distinct], responses, group,
+                                 with_entropy=with_entropy)
+
+
+def split_rows(batch: TokenBatch) -> tuple[list[list[int]], list[list[int]]]:
+    """Each row's prompt ids and response ids, padding removed."""
+    ids = batch.input_ids.cpu()
+    prompt_mask = batch.attention_mask[:, :batch.prompt_length].cpu().bool()
+    response_lengths = batch.response_mask.cpu().sum(dim=-1).long().tolist()
+    prompts = [row[mask].tolist() for row, mask in zip(ids[:, :batch.prompt_length], prompt_mask)]
+    responses = [row[:length].tolist() for row, length in zip(ids[:, batch.prompt_length:], response_lengths)]
+    return prompts, responses
 
 
 def value_predictions(critic: torch.nn.Module, batch: TokenBatch) -> torch.Tensor:

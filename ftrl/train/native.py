@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from ftrl.artifacts import HISTORY_JSONL, TRAINER_STATE_PT
-from ftrl.config import RunConfig
+from ftrl.config import RunConfig, critic_settings
 from ftrl.progress import progress
 from ftrl.run_state import RunContext
 from ftrl.train.algorithms import (
@@ -40,7 +40,7 @@ from ftrl.train.algorithms import (
     outcome_rewards,
     verl_actor_config,
 )
-from ftrl.train.batch import TokenBatch, make_token_batch, micro_batches, pad_to, response_logprobs, value_predictions
+from ftrl.train.batch import TokenBatch, batch_logprobs, make_token_batch, micro_batches, pad_to, value_predictions
 from ftrl.train.monitor import HackingMonitor
 
 log = logging.getLogger(__name__)
@@ -152,8 +152,10 @@ class NativeTrainer:
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
 
         self._build_reference_and_critic(str(policy))
+        # Packed decoding: each prompt's n samples share its prefill; no turns follow, so no prefix cache.
         self.engine = HFEngine(self.model, self.tokenizer, enable_thinking=cfg.mode.enable_thinking,
-                               batch_size=train.rollout_batch_size, device=self.device)
+                               batch_size=train.rollout_batch_size, device=self.device, decoder="packed",
+                               prefix_cache_mb=0)
         self.snapshots = self._fit_prompts(snapshots)
         self.steps_per_epoch = math.ceil(len(self.snapshots) / train.prompts_per_step) if self.snapshots else 0
         self.total_steps = self.steps_per_epoch * train.epochs_per_round
@@ -182,10 +184,11 @@ class NativeTrainer:
             self.ref_model.eval().requires_grad_(False)
         self.critic = None
         self.critic_optimizer = None
+        self.critic_settings = critic_settings(cfg.algorithm, cfg.train)
         if cfg.algorithm.use_critic:
             self.critic = build_critic(policy, cfg, self.device)
             self.critic_optimizer = build_optimizer([p for p in self.critic.parameters() if p.requires_grad],
-                                                    cfg.algorithm.critic.lr, cfg.train.weight_decay)
+                                                    self.critic_settings.lr, cfg.train.weight_decay)
 
     # ---------------------------------------------------------------- data
     def _fit_prompts(self, snapshots: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
@@ -276,7 +279,7 @@ class NativeTrainer:
         length = batch.response_mask.shape[1]
         chunks = []
         for rows in micro_batches(batch.size, self.cfg.train.micro_batch_size):
-            log_probs, _ = response_logprobs(model, batch.select(rows).to(self.device))
+            log_probs, _ = batch_logprobs(model, batch.select(rows).to(self.device))
             chunks.append(pad_to(log_probs.cpu(), length))
         return torch.cat(chunks)
 
@@ -305,12 +308,12 @@ class NativeTrainer:
         advantages, returns = compute_advantages(cfg.algorithm, token_rewards, mask, rollout.group_index, values)
 
         metrics: dict[str, list[float]] = defaultdict(list)
-        update_actor = self.critic is None or self.step >= cfg.algorithm.critic.warmup_steps
+        update_actor = self.critic is None or self.step >= self.critic_settings.warmup_steps
         self.model.train()
         for _ in range(train.ppo_epochs):
             for mini in micro_batches(batch.size, mini_size):
                 mini_tokens = int(mask[mini].sum())
-                if self.critic is not None:
+                for _ in range(self.critic_settings.epochs if self.critic is not None else 0):
                     self._critic_step(batch, mini, returns, values, mini_tokens, metrics)
                 if not update_actor:
                     continue
@@ -318,7 +321,7 @@ class NativeTrainer:
                 for rows in micro_batches(len(mini), train.micro_batch_size):
                     rows = mini[rows]
                     micro = batch.select(rows).to(self.device)
-                    log_prob, entropy = response_logprobs(self.model, micro, with_entropy=True)
+                    log_prob, entropy = batch_logprobs(self.model, micro, with_entropy=True)
                     width = log_prob.shape[1]
                     old = log_prob.detach() if old_log_prob is None else old_log_prob[rows, :width].to(self.device)
                     terms = actor_loss(
@@ -432,8 +435,23 @@ def build_critic(policy: str, cfg: RunConfig, device: torch.device) -> torch.nn.
     from ftrl.llm.models import load_value_model
 
     torch.manual_seed(cfg.seed)
-    return load_value_model(policy, dtype=cfg.model.dtype, device=str(device),
-                            trust_remote_code=cfg.model.trust_remote_code)
+    critic = load_value_model(policy, dtype=cfg.model.dtype, device=str(device),
+                              trust_remote_code=cfg.model.trust_remote_code)
+    if critic_settings(cfg.algorithm, cfg.train).head_init == "zero":
+        head = value_head(critic)
+        with torch.no_grad():
+            for parameter in head.parameters():
+                parameter.zero_()
+    return critic
+
+
+def value_head(critic: torch.nn.Module) -> torch.nn.Module:
+    """The scalar head of a token-classification value model (``score`` in Qwen/Llama, ``classifier`` in others)."""
+    for name in ("score", "classifier"):
+        head = getattr(critic, name, None)
+        if isinstance(head, torch.nn.Module):
+            return head
+    raise ValueError(f"{type(critic).__name__}: no value head named 'score' or 'classifier'")
 
 
 def read_history(path: Path) -> list[dict[str, Any]]:
