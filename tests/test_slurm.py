@@ -52,7 +52,8 @@ def _sweep(*args: str, sweep_dir: Path, timeout: int = 600, wait: bool = True) -
 
 
 def _jobs(sweep_dir: Path) -> list[Path]:
-    return sorted(p for p in sweep_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+    """The sweep's run directories (not submitit's folder, nor the sweep-level ``comparison/``)."""
+    return sorted(p for p in sweep_dir.iterdir() if (p / "manifest.json").exists())
 
 
 @needs_cluster
@@ -73,6 +74,7 @@ def test_a_sweep_runs_as_slurm_jobs_and_reports_itself(tmp_path: Path) -> None:
     assert len(array_ids) == 1  # one job array for the sweep
     table = (sweep_dir / "sweep_table.md").read_text()
     assert "| grpo |" in table and "| reinforce_pp |" in table
+    assert (sweep_dir / "comparison" / "comparison.md").exists()  # the sweep-level comparison, beside the jobs
 
 
 @needs_cluster
