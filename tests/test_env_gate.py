@@ -331,3 +331,45 @@ def test_every_alternative_type_array_form_and_optional_parameter_is_called() ->
     assert _verdict(_paris((schema, working))) is None
     probes = env_gate.feature_probes(schema["function"], {"name": "get_city_temp", "arguments": {"city": "Paris"}}, 0)
     assert [p.label for p in probes] == ["optional units='c'", "optional units='f'"]
+
+
+def test_python_sources_parse_safely_from_many_threads() -> None:
+    """CPython 3.11 fails concurrent ``ast.parse`` calls with "AST constructor recursion depth mismatch"
+    when a thread switch lands inside the AST conversion (here forced by a tiny switch interval and
+    garbage collections with finalisers); the builder's stages parse tool sources from a thread pool.
+    """
+    import gc
+    import sys
+    import threading
+
+    class Finaliser:
+        def __del__(self) -> None:
+            [index for index in range(10)]
+
+    source = "def f(x):\n" + "".join(f"    if x == {i}:\n        return [{{'a': ({i}, [1, {{2: 3}}])}}]\n" for i in range(60))
+    errors: list[str] = []
+
+    def parse_many() -> None:
+        for _ in range(40):
+            first, second = Finaliser(), Finaliser()
+            first.other, second.other = second, first  # a cycle: only the collector frees it
+            del first, second
+            try:
+                env_gate.parse_python(source)
+            except SystemError as error:
+                errors.append(str(error))
+
+    interval, thresholds = sys.getswitchinterval(), gc.get_threshold()
+    sys.setswitchinterval(1e-6)
+    gc.set_threshold(5, 1, 1)
+    try:
+        threads = [threading.Thread(target=parse_many) for _ in range(6)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    finally:
+        sys.setswitchinterval(interval)
+        gc.set_threshold(*thresholds)
+    assert errors == []
+    assert env_gate.parse_python(source).body[0].name == "f"

@@ -69,6 +69,7 @@ from ftrl.builder.schema import (
     validate,
 )
 from ftrl.config import SCALING
+from ftrl.envs.gate import parse_python
 from ftrl.envs.verify import answer_verify, normalise_answer
 from ftrl.llm.engines.openai import MissingAPIKeyError
 from ftrl.types import SCENARIOS
@@ -668,7 +669,7 @@ def scale(toolsets: Sequence[ToolSet], ctx: StageContext) -> tuple[list[ToolSet]
 def check_source(name: str, source: str, tool: dict[str, Any]) -> list[str]:
     """The source defines exactly ``def name(...)`` at top level and accepts the schema's parameters."""
     try:
-        module = ast.parse(source)
+        module = parse_python(source)
     except SyntaxError as error:
         return [f"codes['{name}'] is not valid Python: {error.msg} (line {error.lineno})"]
     body = [

@@ -49,6 +49,7 @@ import copy
 import json
 import logging
 import re
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
@@ -74,6 +75,23 @@ GOLD_CALL_ERROR = "gold_call_error"
 GOLD_UNSOLVED = "gold_leaves_unsolved"
 # The sandbox's own limit messages (ftrl/envs/sandbox/worker.py, pool.py): a call that never returned.
 _TIMEOUT_MARKERS = ("timed out after ", "CPU time limit exceeded")
+
+# CPython 3.11's AST converter keeps its recursion depth in interpreter-wide state: two threads
+# parsing at once (the builder's stages run in a thread pool) can fail with "SystemError: AST
+# constructor recursion depth mismatch". Every parse and AST compile of the gates goes through one lock.
+_AST_LOCK = threading.Lock()
+
+
+def parse_python(source: str, filename: str = "<unknown>") -> ast.Module:
+    """``ast.parse`` that is safe to call from several threads at once (raises what ``ast.parse`` raises)."""
+    with _AST_LOCK:
+        return ast.parse(source, filename=filename)
+
+
+def compile_python(tree: ast.Module, filename: str) -> Any:
+    """``compile`` of an AST, serialised with :func:`parse_python` for the same reason."""
+    with _AST_LOCK:
+        return compile(tree, filename, "exec")
 
 Executor = Callable[[Sequence[tuple[Any, ...]]], list[list[str]]]
 
@@ -139,8 +157,8 @@ def check_codes(codes: Mapping[str, str]) -> tuple[str | None, str]:
     """``(None, "")`` when every tool's source compiles and binds its name, else ``(reason, detail)``."""
     for name, source in codes.items():
         try:
-            tree = ast.parse(source, filename=f"codes['{name}']")
-            compile(tree, f"codes['{name}']", "exec")
+            tree = parse_python(source, filename=f"codes['{name}']")
+            compile_python(tree, f"codes['{name}']")
         except (SyntaxError, ValueError, RecursionError, MemoryError) as error:
             line = getattr(error, "lineno", None)
             where = f" line {line}" if line else ""
@@ -564,7 +582,7 @@ def _bounded(text: str, part: str) -> bool:
 def _literals(source: str) -> list[str]:
     """The string and number constants of a tool's source (its table's values), docstrings left out."""
     try:
-        tree = ast.parse(source)
+        tree = parse_python(source)
     except (SyntaxError, ValueError):
         return []
     docstrings = {id(node.body[0].value) for node in ast.walk(tree)
