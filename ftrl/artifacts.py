@@ -393,13 +393,18 @@ _ENV_SOURCE_SECTIONS = {"procedural": "procedural", "ftrl_files": "files", "llm"
 
 
 def _identity(config: dict[str, Any]) -> dict[str, Any]:
-    """The keys that make a run what it is: volatile keys and unused environment sources left out."""
+    """The keys that make a run what it is: volatile keys, unused environment sources and, without a
+    critic (GRPO, Reinforce++), the critic's ``train.critic_*`` settings left out (a GRPO run made before
+    a critic setting existed still resumes)."""
     identity = {k: v for k, v in config.items() if k not in _VOLATILE_KEYS}
     envs = identity.get("envs")
     if isinstance(envs, dict):
         active = _ENV_SOURCE_SECTIONS.get(envs.get("name"))
         identity["envs"] = {k: v for k, v in envs.items()
                             if k not in _ENV_SOURCE_SECTIONS.values() or k == active}
+    algorithm, train = identity.get("algorithm"), identity.get("train")
+    if isinstance(algorithm, dict) and isinstance(train, dict) and algorithm.get("use_critic") is False:
+        identity["train"] = {k: v for k, v in train.items() if not k.startswith("critic_")}
     return identity
 
 

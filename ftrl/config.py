@@ -47,7 +47,7 @@ class TinyModelConfig:
     tie_word_embeddings: bool = True
     # Synthetic in-context copying pretraining of the freshly initialised model (see
     # ftrl.llm.tiny.pretrain_copying): the skill real LLMs bring from pretraining. 0 disables it.
-    copy_pretrain_steps: int = 400
+    copy_pretrain_steps: int = 800
     copy_pretrain_batch_size: int = 32
     copy_pretrain_lr: float = 2.0e-3
 
@@ -334,6 +334,9 @@ class TrainConfig:
     # The value head's start: random (transformers' init, verl's) | zero (V = 0: the first advantages are the
     # whitened returns, no head noise on top)
     critic_head_init: str = "zero"
+    # Round k's critic starts from round k-1's (its backbone and head, saved as <round>/train/critic), not from
+    # the round's policy with a new head (native backend; verl starts every round's critic from the policy).
+    critic_carry_over: bool = True
 
 
 @dataclass(frozen=True)
@@ -344,6 +347,7 @@ class CriticSettings:
     warmup_steps: int
     epochs: int
     head_init: str
+    carry_over: bool
 
 
 def critic_settings(algorithm: AlgorithmConfig, train: TrainConfig) -> CriticSettings:
@@ -353,6 +357,7 @@ def critic_settings(algorithm: AlgorithmConfig, train: TrainConfig) -> CriticSet
         warmup_steps=algorithm.critic.warmup_steps if train.critic_warmup_steps is None else train.critic_warmup_steps,
         epochs=train.critic_epochs,
         head_init=train.critic_head_init,
+        carry_over=train.critic_carry_over,
     )
 
 
@@ -360,7 +365,7 @@ def critic_settings(algorithm: AlgorithmConfig, train: TrainConfig) -> CriticSet
 class WarmupConfig:
     """Supervised warm start on gold trajectories (runs when model.warm_start is true)."""
 
-    steps: int = 300
+    steps: int = 600
     batch_size: int = 16
     lr: float = 2e-3
     num_trajectories: int | None = None  # null: every train environment

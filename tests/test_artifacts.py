@@ -188,3 +188,25 @@ def test_unused_environment_sources_do_not_change_a_runs_identity(tmp_path: Path
     changed["envs"]["procedural"]["num_train"] = 7
     with pytest.raises(RunDirConflict, match=r"envs\.procedural\.num_train: 400 -> 7"):
         write_manifest(rd, changed)
+
+
+def test_critic_settings_are_part_of_a_run_only_when_it_has_a_critic(tmp_path: Path) -> None:
+    from ftrl.artifacts import RunDirConflict, write_manifest
+    from ftrl.config import RunConfig, to_container
+
+    config = to_container(RunConfig())  # GRPO
+    assert config["algorithm"]["use_critic"] is False
+    rd = RunDir(tmp_path / "grpo")
+    write_manifest(rd, config)
+    manifest = json.loads(rd.manifest.read_text())
+    assert not any(key.startswith("critic_") for key in manifest["identity"]["train"])
+    # a GRPO run made before train.critic_carry_over existed resumes under today's config
+    config["train"]["critic_carry_over"] = not config["train"]["critic_carry_over"]
+    write_manifest(rd, config)
+    ppo = json.loads(json.dumps(config))
+    ppo["algorithm"].update(name="ppo", adv_estimator="gae", use_critic=True)
+    rd = RunDir(tmp_path / "ppo")
+    write_manifest(rd, ppo)
+    ppo["train"]["critic_carry_over"] = not ppo["train"]["critic_carry_over"]
+    with pytest.raises(RunDirConflict, match=r"train\.critic_carry_over"):
+        write_manifest(rd, ppo)

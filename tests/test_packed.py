@@ -22,11 +22,12 @@ from ftrl.llm.engines.packed import (
     KVBatch,
     PrefixCache,
     continuation_logprobs,
+    continuation_values,
     extend,
     unsupported_reason,
 )
 from ftrl.llm.tiny import build_tiny_model, build_tokenizer, builtin_corpus
-from ftrl.train.batch import batch_logprobs, make_token_batch, response_logprobs
+from ftrl.train.batch import batch_logprobs, make_token_batch, response_logprobs, trim, value_predictions
 
 torch.set_num_threads(1)
 SHAPE = TinyModelConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -93,6 +94,40 @@ def test_logprobs_entropy_and_gradients_match_the_hf_forward(model, tokenizer) -
     # batch_logprobs finds the shared prompts itself and gives response_logprobs' shapes.
     again, _ = batch_logprobs(model, batch)
     assert again.shape == theirs.shape and torch.allclose(again * mask, theirs * mask, atol=1e-5)
+
+
+def test_critic_values_and_gradients_match_the_padded_forward(model, tokenizer, tmp_path) -> None:
+    """PPO's critic (a token-classification model) through the packed path: the value before each response
+    token equals the padded forward's, and so do the value loss's gradients (dropout off, as in eval)."""
+    from ftrl.llm.models import load_value_model
+
+    model.save_pretrained(tmp_path)
+    critic = load_value_model(str(tmp_path))
+    torch.manual_seed(0)
+    torch.nn.init.normal_(critic.score.weight, std=0.5)  # a head that is not zero, so values differ per token
+    prompts, continuations, group = _random_rows(2, len(tokenizer))
+    batch = make_token_batch([prompts[g] for g in group], continuations, tokenizer.pad_token_id)
+    mask = batch.response_mask
+    critic.eval()  # dropout off: the two paths draw different dropout masks in training mode
+    ours = continuation_values(critic, prompts, continuations, group)
+    (ours * mask).square().sum().backward()
+    grads = {name: p.grad.clone() for name, p in critic.named_parameters()}
+    critic.zero_grad()
+    trimmed = trim(batch)
+    output = critic(input_ids=trimmed.input_ids, attention_mask=trimmed.attention_mask,
+                    position_ids=trimmed.position_ids, use_cache=False).logits[..., 0]
+    theirs = output[:, trimmed.prompt_length - 1: trimmed.prompt_length - 1 + mask.shape[1]]
+    (theirs * mask).square().sum().backward()
+    assert ours.shape == theirs.shape == mask.shape
+    assert float((theirs * mask).abs().max()) > 0.1
+    assert torch.allclose(ours * mask, theirs * mask, atol=1e-5)
+    assert float((ours.detach() * (1 - mask)).abs().sum()) == 0.0
+    for name, parameter in critic.named_parameters():  # float rounding, relative to the largest gradient
+        scale = max(1.0, float(parameter.grad.abs().max()))
+        assert torch.allclose(grads[name], parameter.grad, atol=1e-6 * scale, rtol=1e-4), name
+    # value_predictions (the trainer's entry point) takes the packed path and gives the same values.
+    with torch.no_grad():
+        assert torch.allclose(value_predictions(critic, batch) * mask, theirs.detach() * mask, atol=1e-5)
 
 
 @torch.inference_mode()

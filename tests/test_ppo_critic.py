@@ -95,3 +95,45 @@ def test_a_zero_head_predicts_zero_and_the_critic_trains_epochs_times_per_step(w
     trainer.update(rollout)  # past the warm-up: the policy moves too
     assert steps == 6
     assert any(not torch.equal(policy_before[n], p) for n, p in trainer.model.named_parameters())
+
+
+def test_the_next_round_continues_from_the_saved_critic(world: dict, tmp_path: Path) -> None:
+    """train.critic_carry_over: round 1's trained critic (head included) is saved and is round 2's start."""
+    from ftrl.train.native import critic_dir, save_critic
+
+    cfg = _config(tmp_path, train={"critic_lr": 1e-2, "critic_head_init": "zero", "max_steps_per_round": 1})
+    assert critic_settings(cfg.algorithm, cfg.train).carry_over
+    first = NativeTrainer(cfg, world["base"], world["envs"]["train"], tmp_path / "r1", round_k=1)
+    first.update(first.rollout(first.prompts_for_step(0), seed=1))  # the rollout the test above trains on
+    trained = {name: p.detach().clone() for name, p in first.critic.named_parameters()}
+    assert any(float(p.abs().sum()) > 0.0 for p in value_head(first.critic).parameters())
+    saved = save_critic(first.critic, critic_dir(tmp_path / "r1"))
+    second = NativeTrainer(cfg, world["base"], world["envs"]["train"], tmp_path / "r2", round_k=2, critic_from=saved)
+    assert {name: p.detach() for name, p in second.critic.named_parameters()}.keys() == trained.keys()
+    assert all(torch.equal(trained[name], p.detach()) for name, p in second.critic.named_parameters())
+    rollout = second.rollout(second.prompts_for_step(0), seed=1)
+    assert float(second._values_all(rollout.batch).abs().sum()) > 0.0  # not a zero head: it learned in round 1
+    fresh = NativeTrainer(cfg, world["base"], world["envs"]["train"], tmp_path / "r2b", round_k=2)
+    assert all(float(p.detach().abs().sum()) == 0.0 for p in value_head(fresh.critic).parameters())
+
+
+def test_a_ppo_run_hands_its_critic_to_the_next_round(tmp_path: Path) -> None:
+    """The pipeline: round 1 saves its critic beside its history, round 2 starts from it (no zero head at step 1)."""
+    import json
+
+    from hydra import compose, initialize_config_dir
+
+    import ftrl.run  # noqa: F401  (registers the ftrl_dirname resolver)
+    from ftrl.pipeline import run_pipeline
+
+    conf = Path(__file__).resolve().parent.parent / "conf"
+    overrides = ["+debug=smoke", "algorithm=ppo", "model.warm_start=false", "stages=[build_envs,collect,train]",
+                 "train.max_steps_per_round=1", "collect.max_envs=4", f"run_dir={tmp_path}"]
+    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
+        cfg = load_run_config(compose(config_name="config", overrides=overrides))
+    run_pipeline(cfg)
+    assert (tmp_path / "rounds" / "r1" / "train" / "critic" / "model.safetensors").is_file()
+    rows = [json.loads(line) for k in (1, 2)
+            for line in (tmp_path / "rounds" / f"r{k}" / "train" / "history.jsonl").read_text().splitlines()]
+    assert rows[0]["critic/values_mean"] == 0.0  # round 1: the policy's backbone with a zero head
+    assert rows[1]["critic/values_mean"] != 0.0  # round 2: round 1's trained critic

@@ -398,6 +398,11 @@ def pretrain_copying(model: Qwen3ForCausalLM, tokenizer: PreTrainedTokenizerFast
     inserted, then a separator, and learns to repeat the atomic words in order: a few hundred cheap
     steps. No environment content is involved (the sequences are random), so nothing about the
     tasks leaks into the base model.
+
+    The circuit forms in a jump, not gradually (default sizes, seed 0: loss 3.4 at step 160, 0.88 at
+    400, 0.34 at 560, 0.26 at 800). On the scaled default environments (prompts of 190 tokens with
+    shuffled tools and look-alike distractors) a model stopped at 400 steps, mid-jump, warm-starts to
+    held-out Solve-F1 1.2; at 800 steps (with the longer warm start of ``warmup.steps``) to 28-35.
     """
     atomic = atomic_token_ids(tokenizer)
     if steps <= 0 or not atomic:

@@ -114,11 +114,16 @@ def batch_logprobs(model: torch.nn.Module, batch: TokenBatch, with_entropy: bool
 
     if unsupported_reason(model, training=model.training) is not None:
         return response_logprobs(model, batch, with_entropy=with_entropy)
+    prompts, responses, group = grouped_rows(batch)
+    return continuation_logprobs(model, prompts, responses, group, with_entropy=with_entropy)
+
+
+def grouped_rows(batch: TokenBatch) -> tuple[list[list[int]], list[list[int]], list[int]]:
+    """The distinct prompts, each row's response ids and the index of its prompt (padding removed)."""
     prompts, responses = split_rows(batch)
     distinct: dict[tuple[int, ...], int] = {}
     group = [distinct.setdefault(tuple(prompt), len(distinct)) for prompt in prompts]
-    return continuation_logprobs(model, [list(prompt) for prompt in distinct], responses, group,
-                                 with_entropy=with_entropy)
+    return [list(prompt) for prompt in distinct], responses, group
 
 
 def split_rows(batch: TokenBatch) -> tuple[list[list[int]], list[list[int]]]:
@@ -132,7 +137,15 @@ def split_rows(batch: TokenBatch) -> tuple[list[list[int]], list[list[int]]]:
 
 
 def value_predictions(critic: torch.nn.Module, batch: TokenBatch) -> torch.Tensor:
-    """Critic value of each response position (the state before the token), (B, R_trimmed)."""
+    """Critic value of each response position (the state before the token), (B, R_trimmed).
+
+    Padding-free where the critic allows (``ftrl.llm.engines.packed.continuation_values``: the n
+    samples of a group share their prompt's pass), as :func:`batch_logprobs`; otherwise one padded forward.
+    """
+    from ftrl.llm.engines.packed import continuation_values, unsupported_reason
+
+    if unsupported_reason(critic, training=critic.training) is None:
+        return continuation_values(critic, *grouped_rows(batch))
     trimmed = trim(batch)
     output = critic(input_ids=trimmed.input_ids, attention_mask=trimmed.attention_mask,
                     position_ids=trimmed.position_ids, use_cache=False)

@@ -5,8 +5,13 @@ towards many cheap calls (calls per turn up, precision down) when the advantage 
 monitor follows, per training step, the sampled turns' calls per turn, Solve-P (solved / calls) and
 the shares of malformed and empty turns, over a rolling window of ``train.monitor_window`` steps, and
 compares them with the warm start's: the first window of round 1 (samples of the warm-start policy).
-It raises an alarm when calls per turn exceed ``train.monitor_calls_factor`` x the baseline or Solve-P
-falls below ``train.monitor_precision_factor`` x the baseline. Alarms are logged as warnings, logged as
+It raises an alarm when calls per turn exceed ``train.monitor_calls_factor`` x the baseline **and**
+Solve-P falls below ``train.monitor_precision_factor`` x the baseline: the signature of spam. Either
+signal alone is not: later rounds train on the snapshots of a better policy (deeper into multi-hop
+episodes, fewer sub-questions left per state), so per-turn Solve-P falls while held-out precision
+rises (default run, seed 0, round 3: rolling Solve-P 0.11 against the warm start's 0.25, held-out
+Solve-P 29.1 -> 38.1), and a policy that learns parallel calls makes more calls per turn at the same
+precision. Alarms are logged as warnings, logged as
 ``monitor/alarm`` (1.0 on the step it fires) with the ``monitor/*`` values every step (history.jsonl
 and W&B), and the run's ``summary.json`` says whether and when it fired (``hacking_monitor``).
 
@@ -93,10 +98,9 @@ class HackingMonitor:
         if self.baseline is None or len(self.recent) < self.window:
             return []
         base = self.baseline
-        reasons = []
-        if base["calls_per_turn"] > 0 and now["calls_per_turn"] > self.calls_factor * base["calls_per_turn"]:
-            reasons.append(f"calls per turn {now['calls_per_turn']:.2f} > {self.calls_factor} x "
-                           f"{base['calls_per_turn']:.2f}")
-        if base["solve_p"] > 0 and now["solve_p"] < self.precision_factor * base["solve_p"]:
-            reasons.append(f"Solve-P {now['solve_p']:.2f} < {self.precision_factor} x {base['solve_p']:.2f}")
-        return reasons
+        more_calls = base["calls_per_turn"] > 0 and now["calls_per_turn"] > self.calls_factor * base["calls_per_turn"]
+        less_precise = base["solve_p"] > 0 and now["solve_p"] < self.precision_factor * base["solve_p"]
+        if not (more_calls and less_precise):
+            return []
+        return [f"calls per turn {now['calls_per_turn']:.2f} > {self.calls_factor} x {base['calls_per_turn']:.2f}",
+                f"Solve-P {now['solve_p']:.2f} < {self.precision_factor} x {base['solve_p']:.2f}"]

@@ -123,7 +123,8 @@ class NativeTrainer:
 
     def __init__(self, cfg: RunConfig, policy: str | Path, snapshots: Sequence[Mapping[str, Any]],
                  out_dir: Path, round_k: int = 1, tracker: Any = None, step_offset: int = 0,
-                 monitor_history: Sequence[Mapping[str, Any]] = ()) -> None:
+                 monitor_history: Sequence[Mapping[str, Any]] = (), critic_from: str | Path | None = None) -> None:
+        """``critic_from``: a saved critic to start PPO's value model from (the previous round's), else the policy."""
         from ftrl.llm.engines.hf import HFEngine
         from ftrl.llm.models import load_model_and_tokenizer, resolve_device
         from ftrl.train.freeze import apply_freeze_policy, apply_lora
@@ -151,7 +152,7 @@ class NativeTrainer:
             self.model.gradient_checkpointing_enable()
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
 
-        self._build_reference_and_critic(str(policy))
+        self._build_reference_and_critic(str(policy), critic_from)
         # Packed decoding: each prompt's n samples share its prefill; no turns follow, so no prefix cache.
         self.engine = HFEngine(self.model, self.tokenizer, enable_thinking=cfg.mode.enable_thinking,
                                batch_size=train.rollout_batch_size, device=self.device, decoder="packed",
@@ -172,7 +173,7 @@ class NativeTrainer:
         self.monitor = HackingMonitor(train.monitor_window, train.monitor_calls_factor, train.monitor_precision_factor)
         self.monitor.replay(monitor_history)
 
-    def _build_reference_and_critic(self, policy: str) -> None:
+    def _build_reference_and_critic(self, policy: str, critic_from: str | Path | None = None) -> None:
         """The KL reference (the round's starting policy, as in the paper's per-round verl runs) and PPO's critic."""
         from ftrl.llm.models import load_model_and_tokenizer
 
@@ -186,7 +187,7 @@ class NativeTrainer:
         self.critic_optimizer = None
         self.critic_settings = critic_settings(cfg.algorithm, cfg.train)
         if cfg.algorithm.use_critic:
-            self.critic = build_critic(policy, cfg, self.device)
+            self.critic = build_critic(policy, cfg, self.device, critic_from)
             self.critic_optimizer = build_optimizer([p for p in self.critic.parameters() if p.requires_grad],
                                                     self.critic_settings.lr, cfg.train.weight_decay)
 
@@ -430,10 +431,17 @@ class NativeTrainer:
         return read_history(self.history_path)
 
 
-def build_critic(policy: str, cfg: RunConfig, device: torch.device) -> torch.nn.Module:
-    """A value model: the policy's backbone with a scalar head (verl's critic shape), seeded head."""
+def build_critic(policy: str, cfg: RunConfig, device: torch.device,
+                 critic_from: str | Path | None = None) -> torch.nn.Module:
+    """A value model: the policy's backbone with a scalar head (verl's critic shape), seeded head.
+
+    ``critic_from``: a critic saved by :func:`save_critic` (backbone and head as trained), loaded as it is.
+    """
     from ftrl.llm.models import load_value_model
 
+    if critic_from is not None:
+        return load_value_model(str(critic_from), dtype=cfg.model.dtype, device=str(device),
+                                trust_remote_code=cfg.model.trust_remote_code)
     torch.manual_seed(cfg.seed)
     critic = load_value_model(policy, dtype=cfg.model.dtype, device=str(device),
                               trust_remote_code=cfg.model.trust_remote_code)
@@ -443,6 +451,20 @@ def build_critic(policy: str, cfg: RunConfig, device: torch.device) -> torch.nn.
             for parameter in head.parameters():
                 parameter.zero_()
     return critic
+
+
+def save_critic(critic: torch.nn.Module, path: Path) -> Path:
+    """Write the critic (config and safetensors weights, head included) to ``path``, complete or not at all."""
+    from ftrl.artifacts import atomic_dir
+
+    with atomic_dir(path, if_exists="replace") as staging:
+        critic.save_pretrained(staging, safe_serialization=True)
+    return path
+
+
+def critic_dir(train_dir: Path) -> Path:
+    """Where a round's trained critic is kept for the next round (``train.critic_carry_over``)."""
+    return Path(train_dir) / "critic"
 
 
 def value_head(critic: torch.nn.Module) -> torch.nn.Module:
@@ -471,9 +493,20 @@ def train_round(ctx: RunContext, k: int) -> dict[str, Any]:
     if not snapshots_path.exists():
         raise FileNotFoundError(f"{snapshots_path} is missing: the collect stage of round {k} must run first")
     earlier = [row for j in range(1, k) for row in read_history(rd.train_history(j))]
+    carry_over = ctx.cfg.algorithm.use_critic and ctx.cfg.train.critic_carry_over
+    critic_from = None
+    if carry_over and k > 1:
+        critic_from = critic_dir(rd.train_dir(k - 1))
+        if not (critic_from / "config.json").is_file():
+            log.warning("train round %d: no critic of round %d at %s (train.critic_carry_over); the critic starts "
+                        "from the round's policy", k, k - 1, critic_from)
+            critic_from = None
     trainer = NativeTrainer(ctx.cfg, ctx.policy_for_round(k), read_records(snapshots_path), rd.train_dir(k),
-                            round_k=k, tracker=ctx.tracker, step_offset=len(earlier), monitor_history=earlier)
+                            round_k=k, tracker=ctx.tracker, step_offset=len(earlier), monitor_history=earlier,
+                            critic_from=critic_from)
     history = trainer.run()
+    if carry_over and trainer.critic is not None:
+        save_critic(trainer.critic, critic_dir(rd.train_dir(k)))
     save_hf_checkpoint(trainer.model, trainer.tokenizer, rd.checkpoint_dir(f"round{k}"))
     trainer.state_path.unlink(missing_ok=True)  # the finished checkpoint supersedes the resume state
     first, last = history[0], history[-1]

@@ -559,6 +559,9 @@ def _critic_overrides(o: _OverrideList, p: _RoundPlan) -> None:
         else:
             o.set("critic.ppo_micro_batch_size_per_gpu", train.micro_batch_size)
         o.set("trainer.critic_warmup", critic.warmup_steps)
+        if critic.carry_over:
+            log.warning("train.critic_carry_over applies to the native backend; verl starts each round's critic "
+                        "from the round's policy (train=reference sets it false)")
 
 
 def _trainer_overrides(o: _OverrideList, p: _RoundPlan) -> None:

@@ -72,7 +72,10 @@ class Core:
     def __init__(self, model: torch.nn.Module) -> None:
         inner = _inner(model)
         self.model = inner.model
-        self.lm_head = inner.lm_head
+        # A causal LM's head, or a token-classification model's (PPO's critic: dropout, then a scalar score).
+        self.lm_head = getattr(inner, "lm_head", None)
+        self.score = getattr(inner, "score", None)
+        self.head_dropout = getattr(inner, "dropout", None)
         config = inner.config
         self.layers = list(self.model.layers[: config.num_hidden_layers])
         self.heads = config.num_attention_heads
@@ -107,7 +110,13 @@ class Core:
         return q * qcos + _rotate_half(q) * qsin, k * cos + _rotate_half(k) * sin, v
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(self.model.norm(hidden)).float()
+        """The head's outputs after the final norm: LM logits (T, vocab), or a critic's scores (T, labels)."""
+        hidden = self.model.norm(hidden)
+        if self.lm_head is not None:
+            return self.lm_head(hidden).float()
+        if self.head_dropout is not None:
+            hidden = self.head_dropout(hidden)
+        return self.score(hidden).float()
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -527,34 +536,61 @@ def continuation_logprobs(model: torch.nn.Module, prompts: Sequence[Sequence[int
     Each prompt runs once however many continuations share it. Returns (B, R) tensors, R the longest
     continuation (at least 1), zero past a row's end; differentiable unless called under no_grad.
     """
+    outputs = _continuation_outputs(model, prompts, continuations, group, "continuation_logprobs")
+    labels = torch.as_tensor([continuations[b][j] for b, j in outputs.keys], dtype=torch.long,
+                             device=outputs.head.device)
+    log_probs = outputs.scatter(_token_logprobs(outputs.head, labels))
+    entropy = outputs.scatter(_entropy(outputs.head)) if with_entropy else None
+    return log_probs, entropy
+
+
+def continuation_values(critic: torch.nn.Module, prompts: Sequence[Sequence[int]],
+                        continuations: Sequence[Sequence[int]], group: Sequence[int]) -> torch.Tensor:
+    """A critic's value of the state before each token of ``continuations[b]`` after ``prompts[group[b]]``.
+
+    ``critic`` is a token-classification model with one label (``ftrl.llm.models.load_value_model``);
+    the value before token j is its score at the token before it (the prompt's last token for j = 0),
+    as the padded forward of ``ftrl.train.batch.value_predictions`` reads it. (B, R), zero past a
+    row's end; each prompt runs once however many continuations share it.
+    """
+    outputs = _continuation_outputs(critic, prompts, continuations, group, "continuation_values")
+    return outputs.scatter(outputs.head[:, 0])
+
+
+@dataclass
+class _Outputs:
+    """The head's outputs at the positions that predict each continuation token, and where they go."""
+
+    head: torch.Tensor                  # (N, outputs): one row per continuation token
+    keys: list[tuple[int, int]]         # (row, column) of each
+    shape: tuple[int, int]              # (rows, widest continuation, at least 1)
+
+    def scatter(self, values: torch.Tensor) -> torch.Tensor:
+        """(N,) values into a zero (rows, width) tensor at ``keys``."""
+        rows = torch.as_tensor([b for b, _ in self.keys], dtype=torch.long, device=values.device)
+        cols = torch.as_tensor([j for _, j in self.keys], dtype=torch.long, device=values.device)
+        return torch.zeros(self.shape, dtype=values.dtype, device=values.device).index_put((rows, cols), values)
+
+
+def _continuation_outputs(model: torch.nn.Module, prompts: Sequence[Sequence[int]],
+                          continuations: Sequence[Sequence[int]], group: Sequence[int], caller: str) -> _Outputs:
     if not prompts or any(len(p) == 0 for p in prompts):
-        raise ValueError("continuation_logprobs: every prompt needs at least one token")
+        raise ValueError(f"{caller}: every prompt needs at least one token")
     core = Core(model)
     rows = len(continuations)
     width = max([1] + [len(c) for c in continuations])
     group_t = torch.as_tensor(list(group), dtype=torch.long, device=core.device)
-    prompt_layers, first_logits = _prompt_pass(core, prompts)
+    prompt_layers, first = _prompt_pass(core, prompts)
     inputs = [list(c[:-1]) for c in continuations]
-    logits = first_logits.index_select(0, group_t)
+    head = first.index_select(0, group_t)
     counts = [len(c) for c in continuations]
-    # Targets in the order of ``logits``: every row's first token (predicted by its prompt's last
-    # logits), then the later tokens of every row (predicted by the continuation pass), packed.
+    # Outputs in the order of ``head``: every row's first token (predicted by its prompt's last
+    # token), then the later tokens of every row (predicted by the continuation pass), packed.
     keys = [(b, 0) for b in range(rows)]
     if any(inputs):
-        logits = torch.cat([logits, _continuation_pass(core, prompt_layers, _bounds([len(p) for p in prompts]),
-                                                       list(group), inputs)])
+        head = torch.cat([head, _continuation_pass(core, prompt_layers, _bounds([len(p) for p in prompts]),
+                                                   list(group), inputs)])
         keys += [(b, j + 1) for b, row in enumerate(inputs) for j in range(len(row))]
     present = [i for i, (b, _) in enumerate(keys) if counts[b] > 0]
     index = torch.as_tensor(present, dtype=torch.long, device=core.device)
-    row_t = torch.as_tensor([keys[i][0] for i in present], dtype=torch.long, device=core.device)
-    col_t = torch.as_tensor([keys[i][1] for i in present], dtype=torch.long, device=core.device)
-    labels = torch.as_tensor([continuations[b][j] for b, j in (keys[i] for i in present)], dtype=torch.long,
-                             device=core.device)
-    chosen = logits.index_select(0, index)
-    log_probs = torch.zeros(rows, width, dtype=chosen.dtype, device=core.device).index_put(
-        (row_t, col_t), _token_logprobs(chosen, labels))
-    entropy = None
-    if with_entropy:
-        entropy = torch.zeros(rows, width, dtype=chosen.dtype, device=core.device).index_put(
-            (row_t, col_t), _entropy(chosen))
-    return log_probs, entropy
+    return _Outputs(head.index_select(0, index), [keys[i] for i in present], (rows, width))
