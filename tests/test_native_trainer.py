@@ -10,10 +10,9 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
+from tiny_world import build_tiny_world
 
 from ftrl.config import load_run_config
-from ftrl.envs.procedural import build_procedural_envs
-from ftrl.llm.tiny import atomic_words_from_records, corpus_from_records, create_tiny_base
 from ftrl.train.algorithms import compute_advantages, outcome_rewards
 from ftrl.train.native import NativeTrainer
 
@@ -40,11 +39,7 @@ def _config(tmp: Path, **overrides) -> object:
 @pytest.fixture(scope="module")
 def world(tmp_path_factory) -> dict:
     tmp = tmp_path_factory.mktemp("world")
-    cfg = _config(tmp)
-    envs = build_procedural_envs(cfg.envs.procedural, seed=cfg.seed)
-    base = create_tiny_base(cfg.model.tiny, corpus_from_records(envs["train"]), tmp / "base", seed=cfg.seed,
-                            atomic_words=atomic_words_from_records(envs["train"]))
-    return {"envs": envs, "base": base}
+    return build_tiny_world(_config(tmp), tmp)
 
 
 def _trainer(world: dict, tmp: Path, **overrides) -> NativeTrainer:
@@ -56,11 +51,8 @@ def _trainer(world: dict, tmp: Path, **overrides) -> NativeTrainer:
 def world3(tmp_path_factory) -> dict:
     """A 3-layer model: the paper's layers 0-2 policies need at least three layers."""
     tmp = tmp_path_factory.mktemp("world3")
-    cfg = _config(tmp, model={"tiny": {"num_hidden_layers": 3}})
-    envs = build_procedural_envs(cfg.envs.procedural, seed=cfg.seed)
-    base = create_tiny_base(cfg.model.tiny, corpus_from_records(envs["train"]), tmp / "base", seed=cfg.seed,
-                            atomic_words=atomic_words_from_records(envs["train"]))
-    return {"envs": envs, "base": base, "overrides": {"model": {"tiny": {"num_hidden_layers": 3}}}}
+    overrides = {"model": {"tiny": {"num_hidden_layers": 3}}}
+    return {**build_tiny_world(_config(tmp, **overrides), tmp), "overrides": overrides}
 
 
 @pytest.mark.parametrize("policy", FREEZE_OPTIONS)

@@ -10,10 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 from omegaconf import OmegaConf
+from tiny_world import build_tiny_world
 
 from ftrl.config import ConfigError, critic_settings, load_run_config
-from ftrl.envs.procedural import build_procedural_envs
-from ftrl.llm.tiny import atomic_words_from_records, corpus_from_records, create_tiny_base
 from ftrl.train.native import NativeTrainer, value_head
 
 PPO = {"name": "ppo", "adv_estimator": "gae", "use_critic": True}
@@ -37,11 +36,7 @@ def _config(tmp: Path, **overrides) -> object:
 @pytest.fixture(scope="module")
 def world(tmp_path_factory) -> dict:
     tmp = tmp_path_factory.mktemp("critic_world")
-    cfg = _config(tmp)
-    envs = build_procedural_envs(cfg.envs.procedural, seed=cfg.seed)
-    base = create_tiny_base(cfg.model.tiny, corpus_from_records(envs["train"]), tmp / "base", seed=cfg.seed,
-                            atomic_words=atomic_words_from_records(envs["train"]))
-    return {"envs": envs, "base": base}
+    return build_tiny_world(_config(tmp), tmp)
 
 
 def test_train_critic_keys_override_the_algorithms_and_null_falls_back(tmp_path: Path) -> None:

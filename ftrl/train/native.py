@@ -493,7 +493,7 @@ def train_round(ctx: RunContext, k: int) -> dict[str, Any]:
     if not snapshots_path.exists():
         raise FileNotFoundError(f"{snapshots_path} is missing: the collect stage of round {k} must run first")
     earlier = [row for j in range(1, k) for row in read_history(rd.train_history(j))]
-    carry_over = ctx.cfg.algorithm.use_critic and ctx.cfg.train.critic_carry_over
+    carry_over = ctx.cfg.algorithm.use_critic and critic_settings(ctx.cfg.algorithm, ctx.cfg.train).carry_over
     critic_from = None
     if carry_over and k > 1:
         critic_from = critic_dir(rd.train_dir(k - 1))
@@ -505,7 +505,7 @@ def train_round(ctx: RunContext, k: int) -> dict[str, Any]:
                             round_k=k, tracker=ctx.tracker, step_offset=len(earlier), monitor_history=earlier,
                             critic_from=critic_from)
     history = trainer.run()
-    if carry_over and trainer.critic is not None:
+    if carry_over:
         save_critic(trainer.critic, critic_dir(rd.train_dir(k)))
     save_hf_checkpoint(trainer.model, trainer.tokenizer, rd.checkpoint_dir(f"round{k}"))
     trainer.state_path.unlink(missing_ok=True)  # the finished checkpoint supersedes the resume state

@@ -27,7 +27,7 @@ named by :func:`unsupported_reason`; callers then use the HF path.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -365,15 +365,25 @@ def decode_step(core: Core, cache: KVBatch | SharedKVBatch, rows: torch.Tensor, 
     mask = _decode_mask(ends, present, int(ends.max()), core.dtype)
     span = mask.shape[-1]
     pack = Packing(rows, positions, 1)
+    logits = _decode_layers(core, tokens, positions, cache, rows, positions,
+                            lambda index, q: _attend_step(core, q, pack, cache.k[index][:, :, :span],
+                                                          cache.v[index][:, :, :span], mask))
+    cache.lengths = ends
+    return logits
+
+
+def _decode_layers(core: Core, tokens: torch.Tensor, positions: torch.Tensor, buffers: KVBatch,
+                   rows: torch.Tensor, slots: torch.Tensor,
+                   attend: Callable[[int, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """One new token per row through every layer: its keys/values written to ``buffers`` at (rows, slots),
+    ``attend(layer index, queries)`` giving the attention output; returns the logits."""
     x = core.model.embed_tokens(tokens)
     cos, sin = core.rotary(x, positions)
     for index, layer in enumerate(core.layers):
         q, k, v = core.qkv(layer.self_attn, layer.input_layernorm(x), cos, sin)
-        cache.k[index][rows, :, positions] = k
-        cache.v[index][rows, :, positions] = v
-        x = _block(layer, x, _attend_step(core, q, pack, cache.k[index][:, :, :span], cache.v[index][:, :, :span],
-                                          mask))
-    cache.lengths = ends
+        buffers.k[index][rows, :, slots] = k
+        buffers.v[index][rows, :, slots] = v
+        x = _block(layer, x, attend(index, q))
     return core.logits(x)
 
 
@@ -390,15 +400,10 @@ def _decode_shared(core: Core, cache: SharedKVBatch, rows: torch.Tensor, tokens:
     key = torch.arange(int(prefix_lengths.max()), device=core.device)
     prefix_mask = torch.zeros(cache.prefix.rows, 1, 1, key.shape[0], dtype=core.dtype, device=core.device).masked_fill(
         ~(key[None, :] < prefix_lengths[:, None])[:, None, None], float("-inf"))
-    x = core.model.embed_tokens(tokens)
-    cos, sin = core.rotary(x, positions)
-    for index, layer in enumerate(core.layers):
-        q, k, v = core.qkv(layer.self_attn, layer.input_layernorm(x), cos, sin)
-        own.k[index][rows, :, own_positions] = k
-        own.v[index][rows, :, own_positions] = v
-        x = _block(layer, x, _attend_shared(core, q, rows, cache, index, (prefix_mask, own_mask)))
+    logits = _decode_layers(core, tokens, positions, own, rows, own_positions,
+                            lambda index, q: _attend_shared(core, q, rows, cache, index, (prefix_mask, own_mask)))
     own.lengths = ends
-    return core.logits(x)
+    return logits
 
 
 class PrefixCache:
