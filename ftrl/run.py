@@ -109,9 +109,19 @@ def hydra_main(cfg: DictConfig) -> None:
     from ftrl.errors import FtrlError
 
     try:
+        _log_train_algorithm_pair(HydraConfig.get().runtime.choices.get("train_algorithm@train"), cfg)
         main(cfg, overrides=list(HydraConfig.get().overrides.task))
     except FtrlError as error:
         sys.exit(_user_error(error))
+
+
+def _log_train_algorithm_pair(pair: str | None, cfg: DictConfig) -> None:
+    """Say when conf/train_algorithm/<train>_<algorithm>.yaml changed train.* (it is optional: most pairs have none)."""
+    path = CONF_DIR / "train_algorithm" / f"{pair}.yaml"
+    if pair and path.is_file():
+        settings = [f"train.{key}={value}" + ("" if cfg.train[key] == value else f" (overridden: {cfg.train[key]})")
+                    for key, value in OmegaConf.load(path).items()]
+        log.info("conf/train_algorithm/%s.yaml sets %s", pair, ", ".join(settings))
 
 
 def _command_line_overrides(argv: list[str]) -> list[str]:

@@ -135,3 +135,25 @@ def test_token_batch_layout_and_trim() -> None:
     assert batch.position_ids.tolist() == [[0, 1, 2, 3, 4, 4], [0, 0, 0, 1, 2, 3]]
     short = trim(batch.select([1]))
     assert short.input_ids.tolist() == [[8, 3, 4, 9]] and short.prompt_length == 1
+
+
+@pytest.mark.parametrize("mode,expected_grad", [("seq-mean-token-mean", 1 / 6), ("token-mean", 0.0)])
+def test_a_batch_baseline_pushes_towards_long_answers_only_under_seq_mean_token_mean(
+        mode: str, expected_grad: float) -> None:
+    # One logit theta picks a 1-token answer (p = sigmoid(theta)) or a 3-token one; at theta = 0 a batch of one of
+    # each is the exact expectation. Both score below the batch baseline (advantage -1, as Reinforce++ gives every
+    # turn of a prompt it fails on). The expected gradient of a constant baseline must be 0: token-mean (each
+    # answer's whole log-prob, one normaliser) gives 0, seq-mean-token-mean (each answer's log-prob / its length)
+    # gives -A * (0.5 - 0.5 / 3) / 2 = 1/6 > 0, so a descent step lowers theta: towards the longer answer. This is
+    # why conf/train_algorithm/tiny_reinforce_pp.yaml trains Reinforce++ with token-mean.
+    theta = torch.zeros((), requires_grad=True)
+    rest = torch.tensor([-0.1, -0.2])
+    log_prob = torch.stack([torch.stack([torch.nn.functional.logsigmoid(theta), torch.tensor(0.0), torch.tensor(0.0)]),
+                            torch.cat([torch.nn.functional.logsigmoid(-theta).reshape(1), rest])])
+    mask = torch.tensor([[1.0, 0.0, 0.0], [1.0, 1.0, 1.0]])
+    advantages = -mask
+    terms = actor_loss(_actor_config(mode), log_prob, log_prob.detach(), advantages, mask, None, None,
+                       global_batch_size=2, batch_num_tokens=int(mask.sum()))
+    terms.loss.backward()
+    assert theta.grad is not None
+    assert abs(theta.grad.item() - expected_grad) < 1e-6

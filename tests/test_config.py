@@ -16,7 +16,9 @@ from ftrl.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
 CONF = ROOT / "conf"
-GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir() and p.name not in ("hydra", "experiment", "debug"))
+# train_algorithm is picked from the train and algorithm choices, not by hand (tests/test_experiments.py composes it).
+GROUPS = sorted(p.name for p in CONF.iterdir()
+                if p.is_dir() and p.name not in ("hydra", "experiment", "debug", "train_algorithm"))
 # Options that need a user value to be valid, and the value the test supplies.
 NEEDS = {("envs", "ftrl_files"): ["envs.files.train=/data/train.jsonl"]}
 

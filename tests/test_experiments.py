@@ -14,6 +14,7 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -120,6 +121,39 @@ def test_model_path_and_resources_stay_overridable() -> None:
                       "resources.nnodes=4")
     assert cfg.model.path == "/models/Qwen3-14B" and cfg.mode.max_response_tokens == 8192
     assert (cfg.resources.name, cfg.resources.nnodes, cfg.resources.n_gpus_per_node) == ("multinode", 4, 8)
+
+
+def test_train_algorithm_files_name_an_existing_pair_and_hold_train_keys() -> None:
+    from ftrl.config import TrainConfig
+    from ftrl.registry import ALGORITHMS
+
+    pairs = {f"{train.stem}_{algorithm}" for train in (CONF / "train").glob("*.yaml") for algorithm in ALGORITHMS.names()}
+    files = sorted((CONF / "train_algorithm").glob("*.yaml"))
+    assert files, "conf/train_algorithm holds the per-(train, algorithm) settings"
+    train_keys = set(TrainConfig.__dataclass_fields__)
+    for path in files:
+        # a misspelt file name would never be picked up by `train_algorithm@train: ${train}_${algorithm}`
+        assert path.stem in pairs, f"{path.name}: not <train option>_<algorithm option>"
+        body = OmegaConf.load(path)
+        assert set(body) <= train_keys, f"{path.name}: {set(body) - train_keys} are not train.* keys"
+
+
+def test_reinforce_pp_and_ppo_at_the_tiny_scale_take_their_pair_settings_and_overrides_still_win() -> None:
+    base = load_run_config(_compose([])).train
+    reinforce = load_run_config(_compose(["algorithm=reinforce_pp"])).train
+    assert base.loss_agg_mode == "seq-mean-token-mean"
+    assert reinforce.loss_agg_mode == "token-mean"
+    # only the pair file's keys differ
+    assert {k: v for k, v in asdict(reinforce).items() if asdict(base)[k] != v} == {"loss_agg_mode": "token-mean"}
+    ppo = load_run_config(_compose(["algorithm=ppo"])).train
+    assert {k: v for k, v in asdict(ppo).items() if asdict(base)[k] != v} == {"loss_agg_mode": "token-mean"}
+    overridden = load_run_config(_compose(["algorithm=reinforce_pp", "train.loss_agg_mode=seq-mean-token-sum"]))
+    assert overridden.train.loss_agg_mode == "seq-mean-token-sum"
+    # the paper's recipe has no pair file: Table 2's Reinforce++ rows keep seq-mean-token-mean
+    assert load_run_config(_compose(["algorithm=reinforce_pp", "train=reference"])).train.loss_agg_mode == \
+        "seq-mean-token-mean"
+    assert _experiment("qwen3_8b_reinforce_pp").train.loss_agg_mode == "seq-mean-token-mean"
+    assert load_run_config(_compose(["algorithm=ppo", "train=reference"])).train.loss_agg_mode == "seq-mean-token-mean"
 
 
 @pytest.mark.parametrize("profile,gpus,nodes,tp", [
@@ -298,3 +332,16 @@ def test_sweep_helper_force_and_commit_and_dry_run(git_repo: Path, tmp_path: Pat
     assert entry["forced_dirty"] == ["?? scratch.txt"]
     assert not (git_repo / "outputs" / "worktrees" / sha / "scratch.txt").exists()
     assert sweep.main(["--repo", str(git_repo), "--commit", "no-such-ref"]) == 2
+
+
+def test_the_run_says_when_a_pair_file_sets_train_keys(caplog: pytest.LogCaptureFixture) -> None:
+    from ftrl.run import _log_train_algorithm_pair
+
+    with caplog.at_level("INFO", logger="ftrl.run"):
+        _log_train_algorithm_pair("tiny_reinforce_pp", _compose(["algorithm=reinforce_pp"]))
+        _log_train_algorithm_pair("tiny_reinforce_pp",
+                                  _compose(["algorithm=reinforce_pp", "train.loss_agg_mode=seq-mean-token-sum"]))
+        _log_train_algorithm_pair("tiny_grpo", _compose([]))  # no such file: nothing to say
+    assert [r.getMessage() for r in caplog.records] == [
+        "conf/train_algorithm/tiny_reinforce_pp.yaml sets train.loss_agg_mode=token-mean",
+        "conf/train_algorithm/tiny_reinforce_pp.yaml sets train.loss_agg_mode=token-mean (overridden: seq-mean-token-sum)"]
