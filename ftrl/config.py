@@ -317,7 +317,7 @@ class TrainConfig:
     kl_loss_coef: float = 0.001
     kl_loss_type: str = "low_var_kl"
     entropy_coeff: float = 0.0
-    max_steps_per_round: int | None = 12
+    max_steps_per_round: int | None = 24
     save_every_steps: int = 10  # trainer state (weights, optimizer, RNG) for resume after a kill
     # Reward-hacking monitor (ftrl.train.monitor): rolling window of steps, and the alarm factors against
     # the warm start's calls per turn (above) and Solve-P of the sampled turns (below).
@@ -327,7 +327,7 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     # PPO's critic at this model scale (null: algorithm.critic's paper value). A fresh value head on a tiny
     # model needs a larger lr, a few critic-only steps and several critic passes per step to explain anything
-    # within 12 steps a round (see critic_settings).
+    # within a round (see critic_settings).
     critic_lr: float | None = 1e-3
     critic_warmup_steps: int | None = None
     critic_epochs: int = 4  # critic updates per step (verl critic.ppo_epochs)

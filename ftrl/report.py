@@ -103,7 +103,7 @@ def smoke_note(run_dir: str | Path | None) -> str | None:
     return ("note: +debug=smoke checks the plumbing (every stage runs end to end and writes its files), not\n"
             "  learning: its model is too small and trains too few steps to call tools, so F1 0 everywhere and\n"
             "  the 'no sampled turn made a tool call' warnings are expected. The run that shows learning is the\n"
-            "  default job: `python -m ftrl.run` (about 12 minutes on 2 cores; Solve-F1 rises from the warm\n"
+            "  default job: `python -m ftrl.run` (about 9.5 minutes on 2 cores; Solve-F1 rises from the warm\n"
             "  start to the last round).")
 
 

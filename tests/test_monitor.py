@@ -6,19 +6,22 @@ import pytest
 
 from ftrl.train.monitor import HackingMonitor
 
-# Per-step sampled-turn means (reward/calls, reward/solved) of the default GRPO run, seed 0, rounds 1-3
-# (2-core machine, one thread, 2026-12-06; held-out Solve-F1 28.4 -> 34.2, Solve-P 29.1 -> 38.1): the monitor
-# must stay silent on them, although round 3's rolling Solve-P (0.11 at step 5) is under 0.6 x the warm
-# start's (0.25): later rounds train on deeper snapshots.
+# Per-step sampled-turn means (reward/calls, reward/solved) of the default GRPO run (`python -m ftrl.run`, seed 0,
+# two threads, 24 steps a round; 2-core machine, 2026-12-06; held-out Solve-F1 27.7 -> 35.4): the monitor must
+# stay silent on them, although round 2's first rolling Solve-P (0.15) is under 0.6 x the warm start's (0.34):
+# precision alone is no alarm, since later rounds train on deeper snapshots.
 DEFAULT_RUN = [
-    (0.953, 0.227), (1.359, 0.398), (0.844, 0.195), (1.234, 0.258), (1.203, 0.211), (1.07, 0.312), (0.938, 0.312),
-    (1.102, 0.32), (0.859, 0.203), (0.977, 0.391), (1.031, 0.43), (1.281, 0.344),
-    (1.25, 0.312), (1.5, 0.469), (1.273, 0.281), (1.094, 0.406), (1.367, 0.375), (1.32, 0.383), (1.422, 0.43),
-    (1.336, 0.336), (1.305, 0.422), (2.016, 0.227), (1.906, 0.43), (1.109, 0.141),
-    (1.484, 0.367), (1.43, 0.164), (1.0, 0.203), (1.289, 0.117), (1.555, 0.086), (1.648, 0.266), (1.172, 0.172),
-    (1.508, 0.172), (1.43, 0.141), (1.648, 0.211), (1.875, 0.195), (1.703, 0.312),
+    (1.453, 0.469), (0.773, 0.281), (0.859, 0.289), (1.055, 0.352), (0.688, 0.203), (0.492, 0.289), (1.016, 0.273), (0.836, 0.195),
+    (0.984, 0.273), (0.586, 0.266), (1.117, 0.32), (0.883, 0.312), (0.547, 0.242), (0.688, 0.242), (0.922, 0.328), (0.75, 0.164),
+    (1.047, 0.484), (0.883, 0.273), (0.883, 0.211), (1.148, 0.32), (0.852, 0.297), (1.0, 0.086), (0.945, 0.211), (1.062, 0.125),
+    (0.961, 0.164), (0.781, 0.117), (1.07, 0.25), (0.734, 0.211), (0.859, 0.297), (0.656, 0.125), (0.609, 0.227), (1.227, 0.516),
+    (1.094, 0.188), (1.367, 0.25), (1.688, 0.359), (1.273, 0.523), (0.75, 0.203), (1.133, 0.375), (1.289, 0.523), (1.391, 0.305),
+    (1.375, 0.25), (1.422, 0.352), (1.141, 0.164), (1.438, 0.258), (1.227, 0.406), (1.086, 0.195), (0.961, 0.328), (1.477, 0.258),
+    (1.664, 0.469), (1.141, 0.352), (1.164, 0.219), (0.531, 0.008), (0.641, 0.102), (1.016, 0.273), (0.555, 0.148), (1.094, 0.211),
+    (0.984, 0.188), (1.281, 0.43), (1.031, 0.398), (0.93, 0.422), (0.617, 0.164), (1.031, 0.18), (0.508, 0.117), (0.742, 0.125),
+    (0.633, 0.203), (0.422, 0.164), (1.062, 0.359), (0.977, 0.312), (0.766, 0.195), (0.586, 0.047), (0.867, 0.258), (0.898, 0.242),
 ]
-STEPS_PER_ROUND = 12
+STEPS_PER_ROUND = 24
 
 
 def _row(calls: float, solved: float, malformed: float = 0.0) -> dict[str, float]:
@@ -59,7 +62,7 @@ def test_silent_on_the_default_grpo_run_and_fires_on_a_call_spamming_policy() ->
     fired = [default.observe(1 + index // STEPS_PER_ROUND, 1 + index % STEPS_PER_ROUND, _row(c, s))["monitor/alarm"]
              for index, (c, s) in enumerate(DEFAULT_RUN)]
     assert not any(fired) and default.alarms == []
-    assert default.summarize(_row(c, s) for c, s in DEFAULT_RUN[25:29])["solve_p"] == pytest.approx(0.1081, abs=1e-4)
+    assert default.summarize(_row(c, s) for c, s in DEFAULT_RUN[21:25])["solve_p"] == pytest.approx(0.1477, abs=1e-4)
     spam = HackingMonitor()
     spam.replay(_row(c, s) for c, s in DEFAULT_RUN[:4])  # the warm start's window, from history
     fired = [spam.observe(2, step, _row(3.0, 0.3))["monitor/alarm"] for step in range(1, 5)]

@@ -39,7 +39,7 @@ def test_a_smoke_run_says_it_checks_plumbing_and_names_the_run_that_shows_learni
     out = capsys.readouterr().out
     assert "checks the plumbing" in out and "not\n  learning" in out
     assert max(len(line) for line in out.splitlines() if "---" not in line and "Solve" not in line) <= 110
-    assert "`python -m ftrl.run`" in out and "about 12 minutes on 2 cores" in out
+    assert "`python -m ftrl.run`" in out and "about 9.5 minutes on 2 cores" in out
     assert out.index("Own test set") < out.index("note: +debug=smoke") < out.index("run directory:")
 
     plain = _run_dir(tmp_path / "b", ["algorithm=ppo"])
